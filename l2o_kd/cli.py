@@ -1,0 +1,141 @@
+"""The ``l2o-kd`` command line: click commands only; the work happens in the modules they call."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .errors import Diverged, UserError
+
+
+def training_options(f):
+    """Flags shared by every command that trains."""
+    options = [
+        click.option("--dataset", default="cifar10", show_default=True, help="cifar10 | synthetic"),
+        click.option("--data-root", default=None, help="CIFAR-10 folder or .tar.gz [default: $L2O_KD_DATA or ~/.cache/l2o_kd/data]"),
+        click.option("--download", is_flag=True, help="Download the official CIFAR-10 through torchvision (needs network)."),
+        click.option("--epochs", type=float, default=None, help="Training length in epochs."),
+        click.option("--steps", type=int, default=None, help="Training length in steps (wins over --epochs)."),
+        click.option("--batch-size", type=int, default=128, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu | cuda"),
+        click.option("--channels-last", is_flag=True, help="channels_last memory format (faster convolutions on CPU)."),
+        click.option("--runs-dir", default="runs", show_default=True),
+        click.option("--run-name", default=None, help="Run folder name under --runs-dir [default: derived from the config]."),
+        click.option("--resume", is_flag=True, help="Continue the run in --runs-dir/--run-name from its last checkpoint."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def optimizer_options(lr: float, schedule: str):
+    def deco(f):
+        options = [
+            click.option("--lr", type=float, default=lr, show_default=True, help="Base learning rate."),
+            click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum."),
+            click.option("--nesterov", is_flag=True),
+            click.option("--weight-decay", type=float, default=0.0, show_default=True),
+            click.option("--schedule", default=schedule, show_default=True, help="constant | step | cosine | onecycle"),
+            click.option("--lr-step-epochs", type=float, default=10.0, show_default=True, help="step schedule: period in epochs."),
+            click.option("--lr-gamma", type=float, default=0.5, show_default=True, help="step schedule: factor per period."),
+            click.option("--augment", is_flag=True, help="Random crop (pad 4) and horizontal flip."),
+        ]
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return deco
+
+
+def _train_config(kw: dict, **fixed):
+    from .train import TrainConfig
+
+    kw = dict(kw)
+    resume = kw.pop("resume")
+    kw["progress"] = not kw.pop("no_progress")
+    if kw.get("epochs") is None:
+        kw.pop("epochs", None)
+    return TrainConfig(**kw, **fixed), resume
+
+
+def _print_row(row: dict) -> None:
+    keys = ("step", "epoch", "train_loss", "val_acc", "test_acc", "wall_s")
+    click.echo(json.dumps({k: round(row[k], 4) if isinstance(row[k], float) else row[k] for k in keys if k in row}))
+
+
+@click.group()
+@click.version_option(package_name="l2o-kd")
+def cli():
+    """l2o-kd: learn the optimizer of knowledge distillation."""
+
+
+@cli.command("train-teacher")
+@click.option("--model", default="resnet20", show_default=True, help="resnet20 | resnet56 (any registered model works)")
+@optimizer_options(lr=0.2, schedule="onecycle")
+@training_options
+def train_teacher(**kw):
+    """Train a teacher with cross-entropy (no KD); its checkpoint.pt is usable as --teacher."""
+    cfg, resume = _train_config(kw, operator="sgd", beta=0.0)
+    from .train import train
+
+    _print_row(train(cfg, resume=resume))
+
+
+@cli.command()
+@click.option("--student", "model", default="tiny", show_default=True, help="tiny | tiny_wide | small | resnet8")
+@click.option("--operator", default="sgd", show_default=True, help="sgd | adam | adamw")
+@click.option("--optimizer", "optimizer_ckpt", default=None, help="A learned-operator checkpoint (replaces --operator).")
+@click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt].")
+@click.option("--beta", type=float, default=0.5, show_default=True, help="Weight of the KD term, in [0, 1]; 0 = no KD.")
+@click.option("--temperature", type=float, default=4.0, show_default=True)
+@optimizer_options(lr=0.1, schedule="constant")
+@training_options
+def deploy(optimizer_ckpt, **kw):
+    """Train a student by distillation with a classic or learned operator."""
+    if optimizer_ckpt:
+        kw["operator"] = optimizer_ckpt
+    cfg, resume = _train_config(kw)
+    from .train import train
+
+    _print_row(train(cfg, resume=resume))
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--split", default="test", show_default=True, help="train | val | test")
+@click.option("--data-root", default=None)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(checkpoint, split, data_root, device, as_json):
+    """Accuracy and loss of a saved teacher or student on a split."""
+    from .evaluate import evaluate_checkpoint
+
+    res = evaluate_checkpoint(checkpoint, split, data_root, device)
+    click.echo(json.dumps(res) if as_json else f"{res['model']} on {res['dataset']} {split}: accuracy {res['accuracy']:.4f}, loss {res['loss']:.4f} (n={res['n']})")
+
+
+def main(argv=None) -> None:
+    """Entry point: every user error is one line on stderr and exit code 2."""
+    try:
+        cli.main(args=argv, standalone_mode=False, prog_name="l2o-kd")
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:  # bad flag, unknown command, ...
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except Diverged as exc:
+        click.echo(f"error: training diverged: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Datasets as cached uint8 tensors, the fixed train/val split, and a tensor-resident batch iterator.
+
+Every dataset ends up as four tensors: ``train_x``/``test_x`` (uint8, N x 3 x 32 x 32) and
+``train_y``/``test_y`` (int64). CIFAR-10 is read from one of
+
+* the official ``cifar-10-batches-py`` through ``torchvision.datasets.CIFAR10`` (``download=True``
+  fetches it when the machine is online),
+* an ImageFolder tree ``train/<class>/*`` + ``test/<class>/*``,
+* a ``.tar.gz`` archive holding such a tree (the JPEG copy used where there is no network),
+
+decoded once and cached as a ``.pt`` file of uint8 tensors, so later runs load it in well under a
+second. Batches never go through per-image Python: shuffling, normalization, random crop and flip
+are applied to whole batches of tensors (as in airbench).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .checkpoint import save_atomic
+from .errors import UserError
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+DATASETS = ("cifar10", "synthetic")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+VAL_FRACTION = 0.1
+SPLIT_SEED = 0  # the train/val split is fixed for the project, independent of run seeds
+
+
+def cache_dir() -> Path:
+    """Where decoded datasets and teacher logits are cached (``$L2O_KD_CACHE`` or ``~/.cache/l2o_kd``)."""
+    return Path(os.environ.get("L2O_KD_CACHE", Path.home() / ".cache" / "l2o_kd"))
+
+
+def default_data_root() -> Path:
+    """``$L2O_KD_DATA`` if set, else ``<cache>/data``."""
+    env = os.environ.get("L2O_KD_DATA")
+    return Path(env) if env else cache_dir() / "data"
+
+
+@dataclass
+class Dataset:
+    name: str
+    train_x: torch.Tensor  # uint8, N x 3 x 32 x 32
+    train_y: torch.Tensor  # int64, N
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_classes: int = 10
+
+
+@dataclass
+class Splits:
+    """The official train set cut 9:1 into train/val (stratified, fixed seed), plus the test set."""
+
+    dataset: Dataset
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+
+    @property
+    def test_x(self) -> torch.Tensor:
+        return self.dataset.test_x
+
+    @property
+    def test_y(self) -> torch.Tensor:
+        return self.dataset.test_y
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in ("train", "val", "test"):
+            raise UserError(f"unknown split {name!r}: use train, val or test")
+        return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> Dataset:
+    if name == "cifar10":
+        return load_cifar10(Path(root) if root else default_data_root(), download)
+    if name == "synthetic":
+        return make_synthetic()
+    raise UserError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+
+
+def load_splits(name: str, root: str | Path | None = None, download: bool = False) -> Splits:
+    return split_train_val(load_dataset(name, root, download))
+
+
+def split_train_val(ds: Dataset, val_fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED) -> Splits:
+    """A stratified split: each class gives ``val_fraction`` of its images to val."""
+    g = torch.Generator().manual_seed(seed)
+    val_parts, train_parts = [], []
+    for c in range(ds.num_classes):
+        idx = torch.nonzero(ds.train_y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = round(len(idx) * val_fraction)
+        val_parts.append(idx[:n_val])
+        train_parts.append(idx[n_val:])
+    tr = torch.cat(train_parts).sort().values
+    va = torch.cat(val_parts).sort().values
+    return Splits(ds, ds.train_x[tr], ds.train_y[tr], ds.train_x[va], ds.train_y[va])
+
+
+def load_cifar10(root: Path, download: bool = False) -> Dataset:
+    source = _find_cifar10_source(root, download)
+    cache = _cache_path_for(source)
+    if cache.exists():
+        arrays = torch.load(cache, weights_only=True)
+    else:
+        arrays = _decode_source(source, download)
+        _check_cifar10(arrays, source)
+        save_atomic(arrays, cache)
+    return Dataset("cifar10", **arrays, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+
+
+def _find_cifar10_source(root: Path, download: bool) -> Path:
+    """The first readable form of CIFAR-10 under ``root`` (see the module docstring)."""
+    candidates = []
+    if root.is_file() and root.name.endswith((".tar.gz", ".tgz")):
+        return root
+    if (root / "cifar-10-batches-py").is_dir() or download:
+        return root / "cifar-10-batches-py"
+    for tree in (root, *sorted(p for p in root.glob("*") if p.is_dir())):
+        if (tree / "train").is_dir() and (tree / "test").is_dir():
+            return tree
+        candidates.append(tree)
+    archives = sorted(root.glob("*.tar.gz")) + sorted(root.glob("*.tgz"))
+    if archives:
+        return archives[0]
+    raise UserError(
+        f"no CIFAR-10 found at {root}: expected cifar-10-batches-py/, train/+test/ class folders or a "
+        f".tar.gz of them; pass --data-root PATH (or set L2O_KD_DATA), or add --download when online"
+    )
+
+
+def _cache_path_for(source: Path) -> Path:
+    stat = source.stat() if source.exists() else None
+    key = f"{source.resolve()}|{stat.st_size if stat else 0}|{int(stat.st_mtime) if stat else 0}"
+    return cache_dir() / f"cifar10-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+
+
+def _decode_source(source: Path, download: bool) -> dict[str, torch.Tensor]:
+    if source.name == "cifar-10-batches-py":
+        return _decode_torchvision(source.parent, download)
+    if source.is_file():
+        return _decode_archive(source)
+    return _decode_tree(source)
+
+
+def _decode_torchvision(root: Path, download: bool) -> dict[str, torch.Tensor]:
+    from torchvision.datasets import CIFAR10
+
+    out = {}
+    for split, train in (("train", True), ("test", False)):
+        try:
+            ds = CIFAR10(str(root), train=train, download=download)
+        except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
+            raise UserError(f"CIFAR-10 at {root} is missing or corrupted ({exc}); add --download when online") from exc
+        out[f"{split}_x"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        out[f"{split}_y"] = torch.tensor(ds.targets, dtype=torch.int64)
+    return out
+
+
+def _decode_archive(path: Path) -> dict[str, torch.Tensor]:
+    """Read every image of a ``.tar.gz`` holding ``<any>/train|test/<class>/<file>``."""
+    files: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if not member.isfile() or not member.name.lower().endswith(IMAGE_SUFFIXES) or len(parts) < 3:
+                    continue
+                split, cls = parts[-3], parts[-2]
+                if split in files:
+                    files[split].append((cls, parts[-1], tar.extractfile(member).read()))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise UserError(f"cannot read archive {path}: {exc}") from exc
+    return _decode_files(files, path)
+
+
+def _decode_tree(root: Path) -> dict[str, torch.Tensor]:
+    files: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
+    for split in files:
+        for f in (root / split).glob("*/*"):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files[split].append((f.parent.name, f.name, f.read_bytes()))
+    return _decode_files(files, root)
+
+
+def _decode_files(files: dict[str, list[tuple[str, str, bytes]]], where: Path) -> dict[str, torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_image
+
+    classes = sorted({cls for items in files.values() for cls, _, _ in items})
+    if len(classes) != 10:
+        raise UserError(f"{where}: expected 10 class folders under train/ and test/, found {len(classes)}")
+    out = {}
+    for split, items in files.items():
+        items.sort(key=lambda it: (it[0], it[1]))
+        images = [decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB) for _, _, b in items]
+        out[f"{split}_x"] = torch.stack(images) if images else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
+        out[f"{split}_y"] = torch.tensor([classes.index(c) for c, _, _ in items], dtype=torch.int64)
+    return out
+
+
+def _check_cifar10(arrays: dict[str, torch.Tensor], source: Path) -> None:
+    for split, n in (("train", 50_000), ("test", 10_000)):
+        x = arrays[f"{split}_x"]
+        if tuple(x.shape) != (n, 3, 32, 32):
+            raise UserError(f"{source}: {split} split has shape {tuple(x.shape)}, expected ({n}, 3, 32, 32)")
+
+
+def make_synthetic(n_train: int = 2000, n_test: int = 500, num_classes: int = 10, seed: int = 1234) -> Dataset:
+    """A small, learnable image task: each class is a smooth random template plus strong noise.
+
+    The noise is strong enough that ``tiny`` needs a few hundred steps to pass 75% (chance is 10%),
+    so a loss that must fall, and operators that differ, are visible in seconds.
+    """
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(num_classes, 3, 4, 4, generator=g)
+    templates = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
+
+    def sample(n):
+        y = torch.randint(num_classes, (n,), generator=g)
+        x = templates[y] + 8.0 * torch.randn(n, 3, 32, 32, generator=g)
+        x = (x * 20 + 128).clamp(0, 255).to(torch.uint8)
+        return x, y
+
+    train_x, train_y = sample(n_train)
+    test_x, test_y = sample(n_test)
+    return Dataset("synthetic", train_x, train_y, test_x, test_y, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # float, normalized, on the device
+    y: torch.Tensor
+    idx: torch.Tensor  # positions in the split: rows of the cached teacher logits
+
+
+class BatchLoader:
+    """Tensor-resident minibatches of one split.
+
+    The order (and augmentation) of epoch ``e`` depends only on ``(seed, e)``, so a run resumed at
+    an epoch boundary sees exactly the batches of an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        mean,
+        std,
+        shuffle: bool = True,
+        augment: bool = False,
+        drop_last: bool = False,
+        device: str | torch.device = "cpu",
+        channels_last: bool = False,
+    ):
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be positive, got {batch_size}")
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int = 0, seed: int = 0) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        n = len(self.y)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        order = order.to(self.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            x = self.x[idx].float()
+            if self.augment:
+                x = random_crop_flip(x, g)
+            x = (x - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield Batch(x, self.y[idx], idx)
+
+
+def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random ``pad``-pixel translation (zero padding) and horizontal flip of a whole batch at once."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]

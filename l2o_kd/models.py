@@ -1,0 +1,130 @@
+"""Teachers and students by name, and the functional view of a model (params + buffers dicts).
+
+* ``resnet8/20/56``: the CIFAR ResNets of He et al. (2016), depth 6n+2, widths 16/32/64, with the
+  parameter-free "option A" shortcut (stride-2 subsampling, zero-padded channels).
+* ``tiny``: the student of Gorpinich et al.: three unpadded 3x3 convs (8/16/32 channels), each with
+  BatchNorm, ReLU and 2x2 max-pool, then FC 128 -> 64 -> 10 (15,050 parameters).
+* ``tiny_wide``: ``tiny`` with 1.5x the channels, a second member of the meta-training family.
+* ``small``: padded convs 32/64/128, global pooling, FC 128 -> 10 (about 95k parameters).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .errors import UserError
+
+Params = dict[str, torch.Tensor]
+
+
+class _ShortcutA(nn.Module):
+    def __init__(self, planes: int):
+        super().__init__()
+        self.pad = planes // 4
+
+    def forward(self, x):
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _ShortcutA(planes) if stride != 1 or in_planes != planes else nn.Identity()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int = 10):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError("CIFAR ResNet depth must be 6n+2")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(n):
+                layers.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x):
+        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class ConvNet(nn.Module):
+    """conv-BN-ReLU-maxpool x3, then an MLP head (``tiny``, ``tiny_wide`` and ``small``)."""
+
+    def __init__(self, widths=(8, 16, 32), hidden: int | None = 64, padding: int = 0, num_classes: int = 10):
+        super().__init__()
+        blocks, c_in, size = [], 3, 32
+        for w in widths:
+            blocks += [nn.Conv2d(c_in, w, 3, 1, padding), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in, size = w, (size - 2 + 2 * padding) // 2
+        self.features = nn.Sequential(*blocks)
+        if hidden is None:  # global average pooling straight into the classifier
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+        else:
+            flat = c_in * size * size
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "tiny": lambda: ConvNet((8, 16, 32), hidden=64),
+    "tiny_wide": lambda: ConvNet((12, 24, 48), hidden=64),
+    "small": lambda: ConvNet((32, 64, 128), hidden=None, padding=1),
+    "resnet8": lambda: CifarResNet(8),
+    "resnet20": lambda: CifarResNet(20),
+    "resnet56": lambda: CifarResNet(56),
+}
+TEACHERS = ("resnet20", "resnet56")
+STUDENTS = ("tiny", "tiny_wide", "small", "resnet8")
+
+
+def build_model(name: str, seed: int | None = None) -> nn.Module:
+    """A fresh model; with ``seed`` its initialization is reproducible."""
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    if seed is None:
+        return MODELS[name]()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[name]()
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def split_state(model: nn.Module) -> tuple[Params, Params]:
+    """Detached copies of a model's parameters and buffers, the functional core's two dicts."""
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    return params, buffers
+
+
+def apply(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, train: bool) -> torch.Tensor:
+    """Forward pass of ``model`` with the given tensors. In train mode BatchNorm updates ``buffers``
+    in place (running statistics are not differentiated), in eval mode it uses them."""
+    model.train(train)
+    return functional_call(model, (params, buffers), (x,), tie_weights=False, strict=True)

@@ -1,0 +1,21 @@
+"""Optimization operators: one interface (``base``), classic ones (``classic``), schedules, and the
+learned LSTM operator (``learned``)."""
+
+from __future__ import annotations
+
+from .base import KDChoice, Operator, Params, State, StepContext, global_norm
+from .classic import SGD, Adam
+from .schedules import SCHEDULES, Schedule
+
+CLASSIC = ("sgd", "adam", "adamw")
+
+__all__ = ["Operator", "Params", "State", "StepContext", "KDChoice", "global_norm", "SGD", "Adam", "Schedule", "SCHEDULES", "CLASSIC", "classic_operator"]
+
+
+def classic_operator(name: str, lr: float, schedule: Schedule, momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0) -> Operator:
+    """``sgd`` (with ``momentum``/``nesterov``), ``adam`` or ``adamw`` at base learning rate ``lr``."""
+    if name == "sgd":
+        return SGD(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, schedule=schedule)
+    if name in ("adam", "adamw"):
+        return Adam(lr=lr, weight_decay=weight_decay, decoupled=name == "adamw", schedule=schedule)
+    raise ValueError(name)

@@ -1,0 +1,297 @@
+"""The one training loop: ``train-teacher``, ``deploy`` and ``compare`` all run :func:`train`.
+
+Read top to bottom: load data -> build the student -> (teacher logits) -> build the operator ->
+resume if asked -> for each step: KD loss with the operator's (beta, T), gradients, operator step ->
+evaluate + log + checkpoint every epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt_io
+from .data import BatchLoader, Splits, load_splits
+from .distill import kd_terms, teacher_logits
+from .errors import Diverged, UserError
+from .models import MODELS, apply, build_model, split_state
+from .runlog import RunLog, read_metrics
+from .operators import CLASSIC, Operator, Schedule, StepContext, classic_operator, global_norm
+
+DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "checkpoints" / "teacher-resnet20.pt"
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"
+    dataset: str = "cifar10"
+    data_root: str | None = None
+    download: bool = False
+    teacher: str | None = None  # teacher checkpoint; None or beta == 0 (and no operator choosing beta): no KD
+    beta: float = 0.5
+    temperature: float = 4.0
+    operator: str = "sgd"  # sgd | adam | adamw | path to a learned-operator checkpoint
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | step | cosine | onecycle
+    lr_step_epochs: float = 10.0  # "step" schedule: multiply lr by lr_gamma every this many epochs
+    lr_gamma: float = 0.5
+    epochs: float = 10.0
+    steps: int | None = None  # wins over epochs
+    batch_size: int = 128
+    augment: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    channels_last: bool = False
+    runs_dir: str = "runs"
+    run_name: str | None = None
+    log_every: int = 20  # steps between TensorBoard step scalars
+    hist_every: int = 500  # steps between per-layer update norms / update histograms
+    progress: bool = True
+    tensorboard: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise UserError(f"--beta must lie in [0, 1], got {self.beta}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.steps is None and not self.epochs > 0 or self.steps is not None and self.steps < 1:
+            raise UserError("--epochs (or --steps) must be positive")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.operator not in CLASSIC and not self.operator.endswith(".pt"):
+            raise UserError(f"unknown operator {self.operator!r}: use {', '.join(CLASSIC)} or a learned-operator checkpoint (.pt)")
+        check_device(self.device)
+        Schedule(self.schedule, step_size=1)  # validates the name
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.model}-{Path(self.operator).stem}-b{self.beta:g}-T{self.temperature:g}-s{self.seed}"
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked, but CUDA is not available on this machine: use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"unknown device {device!r}: use cpu or cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def load_model_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """A trained teacher or student (eval mode) and its checkpoint dict."""
+    ck = ckpt_io.load_checkpoint(path, kind="model")
+    model = build_model(ck["model"]).to(device)
+    try:
+        model.load_state_dict({**ck["params"], **ck["buffers"]})
+    except RuntimeError as exc:
+        raise UserError(f"{path}: weights do not fit model {ck['model']!r} ({str(exc).splitlines()[0]})") from exc
+    return model.eval(), ck
+
+
+@torch.no_grad()
+def evaluate(model, params, buffers, loader: BatchLoader) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a whole split (eval-mode BatchNorm)."""
+    loss_sum, correct, n = 0.0, 0, 0
+    for b in loader.epoch():
+        logits = apply(model, params, buffers, b.x, train=False)
+        loss_sum += torch.nn.functional.cross_entropy(logits, b.y, reduction="sum").item()
+        correct += (logits.argmax(1) == b.y).sum().item()
+        n += len(b.y)
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+def build_operator(cfg: TrainConfig, steps_per_epoch: int, device: str) -> Operator:
+    if cfg.operator.endswith(".pt"):
+        from .operators.learned import load_operator
+
+        return load_operator(cfg.operator, device=device)
+    step_size = max(1, round(cfg.lr_step_epochs * steps_per_epoch))
+    sched = Schedule(cfg.schedule, step_size=step_size, gamma=cfg.lr_gamma)
+    return classic_operator(cfg.operator, cfg.lr, sched, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+
+
+class Teacher:
+    """Teacher logits for a training batch: from the cache when batches are not augmented,
+    from a forward pass of the teacher otherwise."""
+
+    def __init__(self, path: str | Path, splits: Splits, augment: bool, device: str):
+        self.model, _ = load_model_checkpoint(path, device)
+        self.augment = augment
+        self.cached = None if augment else teacher_logits(self.model, path, splits, device)["train"].to(device)
+
+    @torch.no_grad()
+    def logits(self, batch) -> torch.Tensor:
+        return self.model(batch.x) if self.augment else self.cached[batch.idx]
+
+
+def resolve_teacher(cfg: TrainConfig, operator: Operator) -> Path | None:
+    wants_kd = cfg.beta > 0 or getattr(operator, "chooses_kd", False)
+    if not wants_kd:
+        return None
+    path = Path(cfg.teacher) if cfg.teacher else DEFAULT_TEACHER
+    if not path.is_file():
+        raise UserError(f"teacher checkpoint not found: {path}; train one with `l2o-kd train-teacher`, pass --teacher CKPT, or use --beta 0")
+    return path
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, dict | None]:
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    path = run_dir / "checkpoint.pt"
+    if not resume:
+        if path.exists():
+            raise UserError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-name")
+        return run_dir, None
+    if not path.exists():
+        return run_dir, None  # nothing to resume: start fresh
+    ck = ckpt_io.load_checkpoint(path, kind="model")
+    saved = TrainConfig.from_dict(ck["config"])
+    for key in ("model", "dataset", "operator", "lr", "beta", "temperature", "seed", "batch_size", "augment", "schedule"):
+        if getattr(saved, key) != getattr(cfg, key):
+            raise UserError(f"--resume: {key} is {getattr(cfg, key)!r} but the run in {run_dir} used {getattr(saved, key)!r}")
+    return run_dir, ck
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None) -> dict[str, Any]:
+    """Train ``cfg.model`` with ``cfg.operator`` and return the last metrics row."""
+    cfg.validate()
+    dev = cfg.device
+    run_dir, ck = _prepare_run_dir(cfg, resume)
+    torch.manual_seed(cfg.seed)
+    torch.backends.cudnn.benchmark = dev.startswith("cuda")
+
+    splits = splits or load_splits(cfg.dataset, cfg.data_root, cfg.download)
+    ds = splits.dataset
+    loader_kw = dict(mean=ds.mean, std=ds.std, device=dev, channels_last=cfg.channels_last)
+    train_loader = BatchLoader(splits.train_x, splits.train_y, cfg.batch_size, shuffle=True, augment=cfg.augment, drop_last=True, **loader_kw)
+    if len(train_loader) == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_y)} training images")
+    eval_loaders = {s: BatchLoader(*splits.split(s), 1000, shuffle=False, **loader_kw) for s in ("val", "test")}
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
+
+    model = build_model(cfg.model, seed=cfg.seed).to(dev)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params, buffers = split_state(model)
+    operator = build_operator(cfg, steps_per_epoch, dev)
+    teacher_path = resolve_teacher(cfg, operator)
+    teacher = Teacher(teacher_path, splits, cfg.augment, dev) if teacher_path else None
+    state = operator.init(params)
+    step, wall_s = 0, 0.0
+    if ck is not None:
+        params = {k: v.to(dev) for k, v in ck["params"].items()}
+        buffers = {k: v.to(dev) for k, v in ck["buffers"].items()}
+        state = _to_device(ck["train_state"]["operator"], dev)
+        step, wall_s = ck["train_state"]["step"], ck["train_state"]["wall_s"]
+
+    config = {**asdict(cfg), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "operator_config": operator.config(),
+              "teacher_path": str(teacher_path) if teacher_path else None}
+    log = RunLog(run_dir, config, resume_step=step, tensorboard=cfg.tensorboard)
+
+    def save(step: int) -> None:
+        ckpt_io.save_checkpoint(
+            run_dir / "checkpoint.pt", "model", config, model=cfg.model, params=params, buffers=buffers,
+            train_state={"operator": state, "step": step, "wall_s": wall_s},
+        )
+
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not cfg.progress, dynamic_ncols=True)
+    sums = _Sums()
+    last_row: dict[str, Any] = {}
+    epoch = step // steps_per_epoch
+    while step < total_steps:
+        t0 = time.perf_counter()
+        for batch in train_loader.epoch(epoch, cfg.seed):
+            if step >= total_steps:
+                break
+            kd = operator.kd(state)
+            beta, temperature = (kd.beta, kd.temperature) if kd else (cfg.beta, cfg.temperature)
+            for p in params.values():
+                p.requires_grad_(True)
+            logits = apply(model, params, buffers, batch.x, train=True)
+            terms = kd_terms(logits, teacher.logits(batch) if teacher else None, batch.y, beta, temperature)
+            if not torch.isfinite(terms.total):
+                bar.close()
+                raise Diverged(step, "training loss")
+            grads = dict(zip(params, torch.autograd.grad(terms.total, list(params.values()))))
+            ctx = StepContext(step, total_steps, terms.total.item(), terms.ce.item(), terms.kd.item())
+            with torch.no_grad():
+                new_params, state, info = operator.step({k: p.detach() for k, p in params.items()}, grads, state, ctx)
+            if step % cfg.log_every == 0 or step % cfg.hist_every == 0:
+                _log_step(log, step, cfg, params, new_params, grads, terms, beta, temperature, info)
+            params = {k: p.detach() for k, p in new_params.items()}
+            sums.add(ctx, (logits.argmax(1) == batch.y).float().mean().item(), float(beta), float(temperature), info)
+            step += 1
+            bar.update(1)
+        epoch += 1
+        wall_s += time.perf_counter() - t0
+        if not all(torch.isfinite(p).all() for p in params.values()):
+            bar.close()
+            raise Diverged(step, "parameters")
+        last_row = {"step": step, "epoch": step / steps_per_epoch, **sums.means(), "wall_s": round(wall_s, 3)}
+        for split, loader in eval_loaders.items():
+            last_row[f"{split}_loss"], last_row[f"{split}_acc"] = evaluate(model, params, buffers, loader)
+        sums = _Sums()
+        log.row(last_row)
+        save(step)
+        bar.set_postfix(val_acc=f"{last_row['val_acc']:.3f}", loss=f"{last_row['train_loss']:.3f}")
+    bar.close()
+    log.close()
+    if not last_row:  # resumed a finished run: report its last row
+        last_row = read_metrics(run_dir)[-1]
+    return last_row
+
+
+class _Sums:
+    """Running means of the per-step numbers between two evaluations."""
+
+    def __init__(self):
+        self.n, self.vals = 0, {}
+
+    def add(self, ctx: StepContext, acc: float, beta: float, temperature: float, info: dict) -> None:
+        row = {"train_loss": ctx.loss, "train_ce": ctx.ce_loss, "train_kd": ctx.kd_loss, "train_acc": acc,
+               "beta": beta, "temperature": temperature, **{k: float(v) for k, v in info.items()}}
+        for k, v in row.items():
+            self.vals[k] = self.vals.get(k, 0.0) + v
+        self.n += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.n for k, v in self.vals.items()} if self.n else {}
+
+
+def _log_step(log, step, cfg, params, new_params, grads, terms, beta, temperature, info) -> None:
+    update = {k: new_params[k] - params[k].detach() for k in params}
+    log.scalars(step, {"loss": terms.total.item(), "ce": terms.ce.item(), "kd": terms.kd.item(), "beta": float(beta),
+                       "temperature": float(temperature), "update_norm": global_norm(update).item(),
+                       "grad_norm": global_norm(grads).item(), **{k: float(v) for k, v in info.items()}}, "train/")
+    if step % cfg.hist_every == 0:
+        log.scalars(step, {k: v.norm().item() for k, v in update.items()}, "update_norm/")
+        log.histogram(step, "update", torch.cat([u.flatten() for u in update.values()]))
+
+
+def _to_device(tree, device):
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    return tree.to(device) if isinstance(tree, torch.Tensor) else tree
