@@ -16,6 +16,7 @@ are applied to whole batches of tensors (as in airbench).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tarfile
 from dataclasses import dataclass
@@ -201,7 +202,8 @@ def _decode_tree(root: Path) -> dict[str, torch.Tensor]:
 
 
 def _decode_files(files: dict[str, list[tuple[str, str, bytes]]], where: Path) -> dict[str, torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_image
+    import numpy as np
+    from PIL import Image
 
     classes = sorted({cls for items in files.values() for cls, _, _ in items})
     if len(classes) != 10:
@@ -209,8 +211,9 @@ def _decode_files(files: dict[str, list[tuple[str, str, bytes]]], where: Path) -
     out = {}
     for split, items in files.items():
         items.sort(key=lambda it: (it[0], it[1]))
-        images = [decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB) for _, _, b in items]
-        out[f"{split}_x"] = torch.stack(images) if images else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
+        images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for _, _, b in items]
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if images else torch.empty(0, 3, 32, 32)
+        out[f"{split}_x"] = x.to(torch.uint8)
         out[f"{split}_y"] = torch.tensor([classes.index(c) for c, _, _ in items], dtype=torch.int64)
     return out
 

@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_CIFAR = Path(os.environ.get("L2O_KD_TEST_CIFAR", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session caches decoded data in one temp dir, never in the user's cache,
+    except the real CIFAR copy, whose decode is shared through L2O_KD_TEST_CACHE when set."""
+    monkeypatch.setenv("L2O_KD_CACHE", os.environ.get("L2O_KD_TEST_CACHE", str(tmp_path_factory.getbasetemp() / "cache")))
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def real_cifar():
+    if not REAL_CIFAR.exists():
+        pytest.skip(f"CIFAR-10 copy not found at {REAL_CIFAR}")
+    return REAL_CIFAR

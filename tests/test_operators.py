@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from l2o_kd.operators import SGD, Adam, Schedule, StepContext
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = {"w": torch.randn(5, 3, generator=g), "b": torch.randn(3, generator=g)}
+    x, y = torch.randn(32, 5, generator=g), torch.randn(32, 3, generator=g)
+    return params, lambda p: ((x @ p["w"] + p["b"] - y) ** 2).mean()
+
+
+def _run_functional(op, steps=20):
+    params, loss_fn = _problem()
+    params = {k: v.clone() for k, v in params.items()}
+    state = op.init(params)
+    for t in range(steps):
+        ps = {k: v.requires_grad_(True) for k, v in params.items()}
+        grads = dict(zip(ps, torch.autograd.grad(loss_fn(ps), list(ps.values()))))
+        params, state, _ = op.step({k: v.detach() for k, v in ps.items()}, grads, state, StepContext(t, steps))
+    return params
+
+
+def _run_torch(make_opt, steps=20, sched=None):
+    params, loss_fn = _problem()
+    ps = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = make_opt(list(ps.values()))
+    lr_sched = sched(opt) if sched else None
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(ps).backward()
+        opt.step()
+        if lr_sched:
+            lr_sched.step()
+    return {k: v.detach() for k, v in ps.items()}
+
+
+CASES = [
+    (SGD(lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
+    (SGD(lr=0.05, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+    (SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    (Adam(lr=0.01), lambda p: torch.optim.Adam(p, lr=0.01)),
+    (Adam(lr=0.01, weight_decay=1e-2), lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-2)),
+    (Adam(lr=0.01, weight_decay=1e-1, decoupled=True, betas=(0.8, 0.99)), lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=1e-1, betas=(0.8, 0.99))),
+]
+
+
+@pytest.mark.parametrize("op,make_opt", CASES, ids=["sgd", "momentum", "nesterov_wd", "adam", "adam_wd", "adamw"])
+def test_functional_operator_equals_torch_optim_over_20_steps(op, make_opt):
+    ours, ref = _run_functional(op), _run_torch(make_opt)
+    for k in ref:
+        assert torch.allclose(ours[k], ref[k], atol=1e-6, rtol=0), (k, (ours[k] - ref[k]).abs().max())
+
+
+@pytest.mark.parametrize("kind,make_sched", [
+    ("step", lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=7, gamma=0.5)),
+    ("cosine", lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20)),
+    ("onecycle", lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20, pct_start=0.25)),
+])
+def test_schedules_match_torch_schedulers(kind, make_sched):
+    ours = _run_functional(SGD(lr=0.1, momentum=0.9, schedule=Schedule(kind, step_size=7)))
+    # OneCycleLR also cycles momentum by default; ours does not, so compare against plain momentum there
+    make_opt = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
+    if kind == "onecycle":
+        make_sched_ = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20, pct_start=0.25, cycle_momentum=False)  # noqa: E731
+    else:
+        make_sched_ = make_sched
+    ref = _run_torch(make_opt, sched=make_sched_)
+    for k in ref:
+        assert torch.allclose(ours[k], ref[k], atol=1e-6, rtol=0)
+
+
+def test_steps_do_not_modify_inputs_and_are_differentiable_in_lr():
+    params, loss_fn = _problem()
+    lr = torch.tensor(0.1, requires_grad=True)
+    for op in (SGD(lr=lr, momentum=0.9, nesterov=True), Adam(lr=lr)):
+        p0 = {k: v.clone() for k, v in params.items()}
+        state = op.init(p0)
+        grads = {k: torch.ones_like(v) for k, v in p0.items()}
+        new, _, _ = op.step(p0, grads, state, StepContext(0, 10))
+        assert all(torch.equal(p0[k], params[k]) for k in params)  # out of place
+        (dlr,) = torch.autograd.grad(loss_fn(new), lr)
+        assert torch.isfinite(dlr) and dlr.abs() > 0

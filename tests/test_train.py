@@ -1,0 +1,169 @@
+import json
+
+import pytest
+import torch
+
+import l2o_kd.train as train_mod
+from l2o_kd.checkpoint import load_checkpoint, save_checkpoint
+from l2o_kd.cli import main
+from l2o_kd.data import load_splits
+from l2o_kd.distill import predict, teacher_logits
+from l2o_kd.errors import UserError
+from l2o_kd.runlog import read_metrics
+from l2o_kd.train import TrainConfig, load_model_checkpoint, train
+
+FAST = dict(dataset="synthetic", progress=False, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("teacher")
+    train(TrainConfig(model="tiny_wide", beta=0.0, epochs=6, lr=0.05, runs_dir=str(runs), run_name="t", tensorboard=False, **FAST))
+    return runs / "t" / "checkpoint.pt"
+
+
+def test_deploy_loss_falls_and_writes_metrics_events_checkpoint(tmp_path, teacher_ckpt):
+    cfg = TrainConfig(model="tiny", teacher=str(teacher_ckpt), beta=0.5, temperature=4.0, epochs=4, lr=0.05, runs_dir=str(tmp_path), run_name="r", **FAST)
+    last = train(cfg)
+    rows = read_metrics(tmp_path / "r")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    for key in ("step", "epoch", "train_loss", "val_acc", "test_acc", "beta", "temperature", "lr", "wall_s"):
+        assert key in rows[0]
+    assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"]
+    assert last["val_acc"] > 0.5  # chance is 0.1
+    assert rows[0]["train_kd"] > 0 and rows[0]["beta"] == 0.5
+    assert list((tmp_path / "r").glob("events.out.tfevents.*"))
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["beta"] == 0.5 and saved["total_steps"] == rows[-1]["step"]
+    ck = load_checkpoint(tmp_path / "r" / "checkpoint.pt", kind="model")
+    assert ck["model"] == "tiny" and ck["train_state"]["step"] == rows[-1]["step"]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, teacher_ckpt, monkeypatch):
+    kw = dict(model="tiny", teacher=str(teacher_ckpt), operator="adam", lr=3e-3, epochs=3, runs_dir=str(tmp_path), tensorboard=False, **FAST)
+    full = train(TrainConfig(run_name="full", **kw))
+
+    calls = {"n": 0}
+    real = train_mod.kd_terms
+
+    def crash_midway(*a, **k):  # "kill" the run in its third epoch, after two checkpoints
+        calls["n"] += 1
+        if calls["n"] == 2 * 28 + 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "kd_terms", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(run_name="cut", **kw))
+    monkeypatch.setattr(train_mod, "kd_terms", real)
+    resumed = train(TrainConfig(run_name="cut", **kw), resume=True)
+    for key in ("train_loss", "val_loss", "test_acc", "val_acc"):
+        assert resumed[key] == pytest.approx(full[key], abs=1e-6)
+    rows = read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in rows] == [r["step"] for r in read_metrics(tmp_path / "full")]  # none lost or duplicated
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    cfg = TrainConfig(model="tiny", beta=0.0, steps=3, runs_dir=str(tmp_path), run_name="x", tensorboard=False, **FAST)
+    train(cfg)
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg)
+    with pytest.raises(UserError, match="lr is"):
+        train(TrainConfig(**{**cfg.__dict__, "lr": 0.5}), resume=True)
+
+
+def test_cached_teacher_logits_reproduce_teacher_accuracy(teacher_ckpt):
+    splits = load_splits("synthetic")
+    model, _ = load_model_checkpoint(teacher_ckpt)
+    logits = teacher_logits(model, teacher_ckpt, splits)
+    again = teacher_logits(model, teacher_ckpt, splits)  # from the cache file
+    assert torch.equal(logits["val"], again["val"])
+    for split in ("train", "val", "test"):
+        _, y = splits.split(split)
+        acc = (logits[split].argmax(1) == y).float().mean().item()
+        assert acc > 0.5, split  # an order or BatchNorm-mode mistake gives chance (0.1)
+
+
+@pytest.mark.real_data
+def test_shipped_teacher_cached_logits_match_its_accuracy(real_cifar):
+    from l2o_kd.train import DEFAULT_TEACHER
+
+    splits = load_splits("cifar10", real_cifar)
+    model, _ = load_model_checkpoint(DEFAULT_TEACHER)
+    val_x, val_y = splits.split("val")
+    direct = predict(model, val_x, splits.dataset.mean, splits.dataset.std)
+    cached = teacher_logits(model, DEFAULT_TEACHER, splits)
+    assert torch.allclose(cached["val"], direct, atol=1e-4)
+    acc = (cached["val"].argmax(1) == val_y).float().mean().item()
+    assert acc > 0.85  # the shipped teacher: 88.0% val, 88.2% test on the CIFAR-10 copy
+
+
+def _cli(capsys, *args):
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    return exc.value.code, capsys.readouterr().err.strip()
+
+
+def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys, teacher_ckpt):
+    runs = tmp_path / "runs"
+    cases = [
+        (["deploy", "--beta", "1.5", "--runs-dir", str(runs)], "--beta must lie in [0, 1]"),
+        (["deploy", "--student", "vgg", "--runs-dir", str(runs)], "unknown model"),
+        (["deploy", "--lr", "-1", "--runs-dir", str(runs)], "--lr must be positive"),
+        (["deploy", "--device", "cuda:7" if torch.cuda.is_available() else "cuda", "--runs-dir", str(runs)], "cuda"),
+        (["deploy", "--data-root", str(tmp_path / "nodata"), "--beta", "0", "--runs-dir", str(runs)], "no CIFAR-10 found"),
+        (["deploy", "--nonsense-flag"], "No such option"),
+    ]
+    for args, message in cases[:-2] + cases[-1:]:
+        code, err = _cli(capsys, *args)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (args, err)
+    code, err = _cli(capsys, *cases[-2][0])
+    assert code == 2 and "no CIFAR-10 found" in err and str(tmp_path / "nodata") in err
+    assert not runs.exists() or not any(runs.rglob("checkpoint.pt"))
+
+
+def test_bad_checkpoints_are_refused(tmp_path, capsys, teacher_ckpt):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(teacher_ckpt.read_bytes()[:1000])
+    operator = tmp_path / "op.pt"
+    save_checkpoint(operator, "operator", {"hidden": 20}, weights={})
+    evil = tmp_path / "evil.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": "l2o-kd", "x": Payload()}, evil)
+    for path, message in ((truncated, "not a readable"), (operator, "'operator' checkpoint"), (evil, "not a readable"),
+                          (tmp_path / "missing.pt", "not found")):
+        code, err = _cli(capsys, "evaluate", str(path))
+        assert code == 2 and message in err, err
+    code, err = _cli(capsys, "deploy", "--dataset", "synthetic", "--teacher", str(operator), "--runs-dir", str(tmp_path / "r"))
+    assert code == 2 and "'operator' checkpoint" in err
+
+
+def test_evaluate_json(tmp_path, capsys, teacher_ckpt):
+    main(["evaluate", str(teacher_ckpt), "--split", "val", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert res["split"] == "val" and res["n"] > 0 and 0.5 < res["accuracy"] <= 1 and res["loss"] > 0
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    from l2o_kd.errors import Diverged
+
+    cfg = TrainConfig(model="tiny", beta=0.0, epochs=2, runs_dir=str(tmp_path), run_name="n", tensorboard=False, **FAST)
+    real = train_mod.kd_terms
+    calls = {"n": 0}
+
+    def nan_in_epoch_two(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        if calls["n"] == 28 + 3:
+            out.total = out.total * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod, "kd_terms", nan_in_epoch_two)
+    with pytest.raises(Diverged, match="step 30"):
+        train(cfg)
+    ck = load_checkpoint(tmp_path / "n" / "checkpoint.pt")
+    assert ck["train_state"]["step"] == 28
