@@ -105,6 +105,44 @@ def deploy(optimizer_ckpt, **kw):
     _print_row(train(cfg, resume=resume))
 
 
+@cli.command("meta-train")
+@click.option("--dataset", default="cifar10", show_default=True)
+@click.option("--data-root", default=None)
+@click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt].")
+@click.option("--students", default="tiny,tiny_wide", show_default=True, help="Comma-separated student family of the episodes.")
+@click.option("--unroll", type=int, default=20, show_default=True, help="Steps per truncated unroll (K).")
+@click.option("--curriculum", default="100,300,1000", show_default=True, help="Episode lengths, each for an equal share of the budget.")
+@click.option("--meta-steps", type=int, default=300, show_default=True, help="Budget in meta-steps.")
+@click.option("--minutes", type=float, default=None, help="Budget in wall-clock minutes (whichever ends first).")
+@click.option("--meta-lr", type=float, default=1e-3, show_default=True)
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Meta-gradient norm clip.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--second-order", is_flag=True, help="Differentiate through the student's gradients too (dearer).")
+@click.option("--hidden", type=int, default=20, show_default=True)
+@click.option("--base-scale", type=float, default=1e-3, show_default=True)
+@click.option("--validate-every", type=int, default=50, show_default=True)
+@click.option("--val-horizon", type=int, default=300, show_default=True, help="Steps of each meta-validation episode.")
+@click.option("--val-seeds", default="1000,1001", show_default=True)
+@click.option("--adam-lr", type=float, default=3e-3, show_default=True, help="Learning rate of the reference Adam.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="torch intra-op threads [default: all cores].")
+@click.option("--runs-dir", default="runs", show_default=True)
+@click.option("--run-name", default="meta", show_default=True)
+@click.option("--out", default=None, help="Where the best operator goes [default: <run dir>/operator-best.pt].")
+@click.option("--resume", is_flag=True)
+@click.option("--no-progress", is_flag=True)
+def meta_train_cmd(threads, resume, no_progress, **kw):
+    """Meta-train the learned LSTM operator across short distillation episodes."""
+    import torch
+
+    from .meta import MetaConfig, meta_train
+
+    if threads:
+        torch.set_num_threads(threads)
+    click.echo(json.dumps(meta_train(MetaConfig(**kw, progress=not no_progress), resume=resume)))
+
+
 @cli.command()
 @click.argument("checkpoint")
 @click.option("--split", default="test", show_default=True, help="train | val | test")

@@ -62,7 +62,7 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def validate(self) -> None:
+    def validate(self, check_operator: bool = True) -> None:
         if self.model not in MODELS:
             raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
         if not 0.0 <= self.beta <= 1.0:
@@ -75,7 +75,7 @@ class TrainConfig:
             raise UserError("--epochs (or --steps) must be positive")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.operator not in CLASSIC and not self.operator.endswith(".pt"):
+        if check_operator and self.operator not in CLASSIC and not self.operator.endswith(".pt"):
             raise UserError(f"unknown operator {self.operator!r}: use {', '.join(CLASSIC)} or a learned-operator checkpoint (.pt)")
         check_device(self.device)
         Schedule(self.schedule, step_size=1)  # validates the name
@@ -174,9 +174,10 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, dict | None]
 # The loop
 
 
-def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None) -> dict[str, Any]:
-    """Train ``cfg.model`` with ``cfg.operator`` and return the last metrics row."""
-    cfg.validate()
+def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, operator: Operator | None = None) -> dict[str, Any]:
+    """Train ``cfg.model`` with ``cfg.operator`` (or the given ``operator`` object, e.g. one being
+    meta-trained) and return the last metrics row."""
+    cfg.validate(check_operator=operator is None)
     dev = cfg.device
     run_dir, ck = _prepare_run_dir(cfg, resume)
     torch.manual_seed(cfg.seed)
@@ -196,7 +197,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None) 
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params, buffers = split_state(model)
-    operator = build_operator(cfg, steps_per_epoch, dev)
+    operator = operator or build_operator(cfg, steps_per_epoch, dev)
     teacher_path = resolve_teacher(cfg, operator)
     teacher = Teacher(teacher_path, splits, cfg.augment, dev) if teacher_path else None
     state = operator.init(params)

@@ -21,3 +21,16 @@ def real_cifar():
     if not REAL_CIFAR.exists():
         pytest.skip(f"CIFAR-10 copy not found at {REAL_CIFAR}")
     return REAL_CIFAR
+
+
+FAST = dict(dataset="synthetic", progress=False, batch_size=64)
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory):
+    """A teacher trained on the synthetic task (about 85% val accuracy)."""
+    from l2o_kd.train import TrainConfig, train
+
+    runs = tmp_path_factory.mktemp("teacher")
+    train(TrainConfig(model="tiny_wide", beta=0.0, epochs=6, lr=0.05, runs_dir=str(runs), run_name="t", tensorboard=False, **FAST))
+    return runs / "t" / "checkpoint.pt"

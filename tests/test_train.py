@@ -12,14 +12,7 @@ from l2o_kd.errors import UserError
 from l2o_kd.runlog import read_metrics
 from l2o_kd.train import TrainConfig, load_model_checkpoint, train
 
-FAST = dict(dataset="synthetic", progress=False, batch_size=64)
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("teacher")
-    train(TrainConfig(model="tiny_wide", beta=0.0, epochs=6, lr=0.05, runs_dir=str(runs), run_name="t", tensorboard=False, **FAST))
-    return runs / "t" / "checkpoint.pt"
+from conftest import FAST
 
 
 def test_deploy_loss_falls_and_writes_metrics_events_checkpoint(tmp_path, teacher_ckpt):

@@ -1,0 +1,259 @@
+"""Meta-training of the learned operator: truncated backpropagation through short distillation episodes.
+
+An episode is a fresh student (drawn from a small family, seeded) trained by the operator on
+minibatches of the train split with cached teacher logits. Every ``unroll`` steps the mean
+validation cross-entropy of the student over those steps (val split minibatches) is backpropagated
+into the operator's weights phi, the meta-optimizer (Adam, clipped) steps, and the episode goes on
+from detached tensors, so memory stays bounded however long the episode is.
+
+The gradient fed to the operator is built in logit space,
+
+    g = J_s^T [ (1 - beta) * dCE/ds + beta * d(T^2 KL)/ds (T) ],
+
+with the student Jacobian ``J_s`` taken at detached weights (first order) but the bracket kept
+differentiable in beta and T: the meta-gradient then reaches the head that chooses beta_t and T_t
+(with fully detached gradients it would be exactly zero, since beta and T act only through g).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import Splits, load_splits
+from .distill import teacher_logits
+from .errors import UserError
+from .models import apply, build_model, split_state
+from .operators import Adam, Operator, StepContext
+from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet
+from .runlog import RunLog
+from .train import DEFAULT_TEACHER, TrainConfig, check_device, load_model_checkpoint, train
+
+
+@dataclass
+class MetaConfig:
+    dataset: str = "cifar10"
+    data_root: str | None = None
+    teacher: str | None = None
+    students: str = "tiny,tiny_wide"
+    unroll: int = 20
+    curriculum: str = "100,300,1000"  # episode lengths, each used for an equal share of the budget
+    meta_steps: int = 300
+    minutes: float | None = None  # wall-clock budget; wins over meta_steps when reached first
+    meta_lr: float = 1e-3
+    clip: float = 1.0
+    batch_size: int = 128
+    second_order: bool = False
+    hidden: int = 20
+    base_scale: float = 1e-3
+    validate_every: int = 50
+    val_horizon: int = 300
+    val_seeds: str = "1000,1001"
+    adam_lr: float = 3e-3  # the reference Adam of meta-validation
+    seed: int = 0
+    device: str = "cpu"
+    runs_dir: str = "runs"
+    run_name: str = "meta"
+    out: str | None = None  # copy of the best operator [default: <run dir>/operator-best.pt]
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.unroll < 1 or self.meta_steps < 1 or self.validate_every < 1:
+            raise UserError("--unroll, --meta-steps and --validate-every must be positive")
+        if not self.meta_lr > 0:
+            raise UserError(f"--meta-lr must be positive, got {self.meta_lr}")
+        for s in self.students.split(","):
+            build_model(s)
+        check_device(self.device)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [int(x) for x in self.curriculum.split(",")]
+
+
+# ----------------------------------------------------------------------------------------------
+# One inner step with a gradient the meta-gradient can pass through
+
+
+def kd_gradient(model, params, buffers, x, y, t_logits, beta, temperature, second_order: bool = False):
+    """Gradient of the KD loss w.r.t. ``params``, differentiable in ``beta`` and ``temperature``
+    (and in ``params`` too when ``second_order``). Returns (grads, ce, kd) with ce/kd as floats."""
+    w = params if second_order else {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    if second_order:
+        w = {k: v if v.requires_grad else v.requires_grad_(True) for k, v in w.items()}
+    s = apply(model, w, buffers, x, train=True)
+    n = len(y)
+    with torch.no_grad():
+        ce = F.cross_entropy(s, y)
+        log_qs, log_qt = F.log_softmax(s / temperature, 1), F.log_softmax(t_logits / temperature, 1)
+        kd = temperature**2 * (log_qt.exp() * (log_qt - log_qs)).sum(1).mean()
+    s_ref = s if second_order else s.detach()
+    delta_ce = (F.softmax(s_ref, 1) - F.one_hot(y, s.shape[1]).to(s)) / n
+    delta_kd = temperature * (F.softmax(s_ref / temperature, 1) - F.softmax(t_logits / temperature, 1)) / n
+    delta = (1 - beta) * delta_ce + beta * delta_kd
+    grads = torch.autograd.grad(s, list(w.values()), grad_outputs=delta, create_graph=True)
+    return dict(zip(w, grads)), float(ce), float(kd)
+
+
+class Episode:
+    """A student being trained by the operator: its tensors, the operator's state and a batch stream."""
+
+    def __init__(self, splits: Splits, logits: torch.Tensor, operator: LSTMOperator, student: str, seed: int, length: int, cfg: MetaConfig):
+        self.model = build_model(student, seed=seed).to(cfg.device)
+        self.params, self.buffers = split_state(self.model)
+        self.state = operator.init(self.params)
+        self.splits, self.logits, self.cfg = splits, logits, cfg
+        self.step, self.length, self.student, self.seed = 0, length, student, seed
+        self.gen = torch.Generator().manual_seed(seed)
+        ds = splits.dataset
+        self.mean = torch.tensor(ds.mean, device=cfg.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(ds.std, device=cfg.device).view(1, 3, 1, 1) * 255
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.length
+
+    def batch(self, split: str):
+        x, y = self.splits.split(split)
+        idx = torch.randint(len(y), (self.cfg.batch_size,), generator=self.gen)
+        xb = (x[idx].to(self.cfg.device).float() - self.mean) / self.std
+        return xb, y[idx].to(self.cfg.device), idx
+
+    def detach(self) -> None:
+        """The truncation boundary: nothing computed so far stays in the graph."""
+        self.params = {k: v.detach() for k, v in self.params.items()}
+        self.state = {k: v.detach() for k, v in self.state.items()}
+
+
+def unroll(operator: LSTMOperator, ep: Episode, k: int) -> torch.Tensor:
+    """``k`` operator steps of an episode; returns the mean validation CE after each (a graph to phi)."""
+    losses = []
+    for _ in range(min(k, ep.length - ep.step)):
+        x, y, idx = ep.batch("train")
+        kd = operator.kd(ep.state)
+        grads, ce, kdl = kd_gradient(ep.model, ep.params, ep.buffers, x, y, ep.logits[idx.to(ep.logits.device)], kd.beta, kd.temperature, ep.cfg.second_order)
+        beta = float(kd.beta.detach())
+        loss = (1 - beta) * ce + beta * kdl
+        ctx = StepContext(ep.step, ep.length, loss, ce, kdl)
+        ep.params, ep.state, _ = operator.step(ep.params, grads, ep.state, ctx)
+        xv, yv, _ = ep.batch("val")
+        val_buffers = {k: v.clone() for k, v in ep.buffers.items()}  # batch statistics, running stats untouched
+        losses.append(F.cross_entropy(apply(ep.model, ep.params, val_buffers, xv, train=True), yv))
+        ep.step += 1
+    return torch.stack(losses).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# The meta-training loop
+
+
+def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = None) -> dict:
+    cfg.validate()
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    state_path, best_path = run_dir / "meta_checkpoint.pt", Path(cfg.out) if cfg.out else run_dir / "operator-best.pt"
+    if state_path.exists() and not resume:
+        raise UserError(f"{run_dir} already holds a meta-training run: pass --resume or another --run-name")
+    torch.manual_seed(cfg.seed)
+    splits = splits or load_splits(cfg.dataset, cfg.data_root)
+    teacher_path = Path(cfg.teacher) if cfg.teacher else DEFAULT_TEACHER
+    teacher, _ = load_model_checkpoint(teacher_path, cfg.device)
+    logits = teacher_logits(teacher, teacher_path, splits, cfg.device)["train"].to(cfg.device)
+
+    net = LSTMOperatorNet(LSTMOperatorConfig(hidden=cfg.hidden, base_scale=cfg.base_scale)).to(cfg.device)
+    operator = LSTMOperator(net)
+    meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
+    meta_step, episode_idx, skipped, best, wall = 0, 0, 0, -1.0, 0.0
+    if resume and state_path.exists():
+        ck = load_checkpoint(state_path, kind="operator")
+        net.load_state_dict(ck["weights"])
+        meta_opt.load_state_dict(ck["meta_optimizer"])
+        meta_step, episode_idx, skipped, best, wall = (ck["progress"][k] for k in ("meta_step", "episode", "skipped", "best_val_acc", "wall_s"))
+    log = RunLog(run_dir, {**asdict(cfg), "operator": operator.config()}, resume_step=meta_step)
+    students = cfg.students.split(",")
+
+    def new_episode() -> Episode:
+        frac = meta_step / cfg.meta_steps
+        length = cfg.lengths[min(int(frac * len(cfg.lengths)), len(cfg.lengths) - 1)]
+        rng = random.Random(cfg.seed * 7919 + episode_idx)
+        return Episode(splits, logits, operator, rng.choice(students), seed=cfg.seed * 100_000 + episode_idx, length=length, cfg=cfg)
+
+    def save_progress() -> None:
+        operator.save(state_path, meta_optimizer=meta_opt.state_dict(),
+                      progress={"meta_step": meta_step, "episode": episode_idx, "skipped": skipped, "best_val_acc": best, "wall_s": wall})
+
+    adam_cache: dict = {}
+    ep = new_episode()
+    bar = tqdm(total=cfg.meta_steps, initial=meta_step, desc="meta-train", disable=not cfg.progress, dynamic_ncols=True)
+    t_start = time.perf_counter() - wall
+    while meta_step < cfg.meta_steps and (cfg.minutes is None or (time.perf_counter() - t_start) < 60 * cfg.minutes):
+        meta_loss = unroll(operator, ep, cfg.unroll)
+        meta_opt.zero_grad()
+        finite = bool(torch.isfinite(meta_loss))
+        if finite:
+            meta_loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)
+            finite = bool(torch.isfinite(grad_norm))
+        if not finite:  # skip the step, restart the episode
+            skipped += 1
+            meta_opt.zero_grad()
+            log.scalars(meta_step, {"skipped": skipped}, "meta/")
+            episode_idx += 1
+            ep = new_episode()
+            continue
+        meta_opt.step()
+        ep.detach()
+        log.scalars(meta_step, {"loss": meta_loss.item(), "grad_norm": grad_norm.item(), "episode_length": ep.length,
+                                "beta": float(ep.state["beta"]), "temperature": float(ep.state["temperature"]),
+                                "step_scale": float(ep.state["scale"])}, "meta/")
+        meta_step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{meta_loss.item():.3f}", ep=f"{ep.student}:{ep.step}/{ep.length}")
+        if ep.done:
+            episode_idx += 1
+            ep = new_episode()
+        if meta_step % cfg.validate_every == 0 or meta_step == cfg.meta_steps:
+            wall = time.perf_counter() - t_start
+            res = meta_validate(operator, cfg, splits, run_dir / "metaval" / f"step{meta_step}", adam_cache)
+            log.scalars(meta_step, res, "metaval/")
+            if res["lstm_val_acc"] > best:
+                best = res["lstm_val_acc"]
+                operator.save(best_path, meta={"meta_step": meta_step, "val_acc": best, "config": asdict(cfg)})
+            log.row({"step": meta_step, **res, "best_val_acc": best, "skipped": skipped, "wall_s": round(wall, 1)})
+            save_progress()
+    wall = time.perf_counter() - t_start
+    save_progress()
+    bar.close()
+    log.close()
+    return {"meta_steps": meta_step, "best_val_acc": best, "skipped": skipped, "wall_s": wall, "best": str(best_path)}
+
+
+def meta_validate(operator: Operator, cfg: MetaConfig, splits: Splits, out_dir: Path, adam_cache: dict | None = None) -> dict:
+    """The operator and the reference Adam on held-out seeds at ``val_horizon`` steps; mean val
+    accuracy of each (Adam's runs do not change between validations: ``adam_cache`` keeps them)."""
+    adam_cache = {} if adam_cache is None else adam_cache
+    accs: dict[str, list[float]] = {"lstm": [], "adam": []}
+    for seed in (int(s) for s in cfg.val_seeds.split(",")):
+        for name, op in (("lstm", operator), ("adam", Adam(lr=cfg.adam_lr))):
+            if name == "adam" and seed in adam_cache:
+                accs[name].append(adam_cache[seed])
+                continue
+            tc = TrainConfig(model="tiny", dataset=cfg.dataset, teacher=cfg.teacher, operator=name, steps=cfg.val_horizon,
+                             batch_size=cfg.batch_size, seed=seed, device=cfg.device, runs_dir=str(out_dir), run_name=f"{name}-s{seed}",
+                             progress=False, log_every=10)
+            accs[name].append(train(tc, splits=splits, operator=op)["val_acc"])
+            if name == "adam":
+                adam_cache[seed] = accs[name][-1]
+    return {"lstm_val_acc": sum(accs["lstm"]) / len(accs["lstm"]), "adam_val_acc": sum(accs["adam"]) / len(accs["adam"])}
+
+
+def load_meta_config(d: dict) -> MetaConfig:
+    names = {f.name for f in fields(MetaConfig)}
+    return MetaConfig(**{k: v for k, v in d.items() if k in names})
+

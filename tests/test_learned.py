@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from l2o_kd.errors import UserError
+from l2o_kd.meta import kd_gradient
+from l2o_kd.models import split_state
+from l2o_kd.operators import StepContext, global_norm
+from l2o_kd.operators.learned import T_MAX, T_MIN, LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
+
+
+def _problem(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 4)).to(dtype)
+    x = torch.randn(16, 3, 2, 2, generator=g, dtype=dtype)
+    y = torch.randint(4, (16,), generator=g)
+    t = torch.randn(16, 4, generator=g, dtype=dtype) * 2
+    xv, yv = torch.randn(16, 3, 2, 2, generator=g, dtype=dtype), torch.randint(4, (16,), generator=g)
+    return model, (x, y, t, xv, yv)
+
+
+def _meta_loss(op, model, data, k=3, second_order=True):
+    """k steps of the operator from fixed initial weights; mean validation CE (the meta-objective).
+    The loss features of the global head are fixed numbers here (they are detached inputs of the
+    operator), so finite differences and autograd see the same function."""
+    x, y, t, xv, yv = data
+    params, buffers = split_state(model)
+    state = op.init(params)
+    losses = []
+    for step in range(k):
+        kd = op.kd(state)
+        grads, _, _ = kd_gradient(model, params, buffers, x, y, t, kd.beta, kd.temperature, second_order=second_order)
+        params, state, _ = op.step(params, grads, state, StepContext(step, 10, 1.0, 0.8, 0.5))
+        losses.append(F.cross_entropy(torch.func.functional_call(model, params, (xv,)), yv))
+    return torch.stack(losses).mean()
+
+
+def _operator(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    net = LSTMOperatorNet(LSTMOperatorConfig(hidden=4, base_scale=0.05)).to(dtype)
+    with torch.no_grad():  # larger head/coordinate weights than at init, so every path matters
+        net.coord_out.weight.normal_(0, 0.3)
+        net.head[-1].weight.normal_(0, 0.3)
+    return LSTMOperator(net)
+
+
+@pytest.mark.parametrize("k,second_order", [(3, True), (1, False)], ids=["second_order_k3", "first_order_k1"])
+def test_meta_gradient_matches_finite_differences(k, second_order):
+    """Exact meta-gradients (second order, K=3) and the first-order one where it is exact (K=1:
+    the gradient at the fixed initial weights depends on phi only through beta and T)."""
+    model, data = _problem()
+    op = _operator()
+    named = dict(op.net.named_parameters())
+    loss = _meta_loss(op, model, data, k, second_order)
+    grads = dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
+    checked = [("head.2.bias", 0), ("head.2.bias", 1), ("head.2.bias", 2), ("coord_out.weight", 3), ("lstm.weight_ih_l0", 5),
+               ("lstm.weight_hh_l1", 7), ("head.0.weight", 11)]
+    eps = 1e-6
+    for name, i in checked:
+        p = named[name].data.view(-1)
+        old = p[i].item()
+        with torch.no_grad():
+            p[i] = old + eps
+        up = _meta_loss(op, model, data, k, second_order).item()
+        with torch.no_grad():
+            p[i] = old - eps
+        down = _meta_loss(op, model, data, k, second_order).item()
+        with torch.no_grad():
+            p[i] = old
+        fd = (up - down) / (2 * eps)
+        ad = grads[name].view(-1)[i].item()
+        assert abs(ad - fd) <= 1e-3 * max(abs(fd), 1e-6) + 1e-9, (name, i, ad, fd)
+
+
+def test_beta_and_temperature_head_gets_a_nonzero_meta_gradient():
+    model, data = _problem()
+    op = _operator()
+    loss = _meta_loss(op, model, data, second_order=False)  # the default, first-order meta-gradient
+    (g,) = torch.autograd.grad(loss, op.net.head[-1].bias)
+    assert torch.isfinite(g).all()
+    assert g[0].abs() > 1e-8 and g[1].abs() > 1e-8  # beta and T outputs reach the meta-loss
+
+
+def test_fresh_operator_takes_small_finite_steps_and_keeps_kd_in_range():
+    model, data = _problem(torch.float32)
+    op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig()))
+    params, buffers = split_state(model)
+    state = op.init(params)
+    assert float(op.kd(state).beta) == pytest.approx(0.5) and float(op.kd(state).temperature) == pytest.approx(4.0)
+    n = sum(p.numel() for p in params.values())
+    for step in range(5):
+        grads = {k: torch.randn_like(v) * 10 ** (step - 2) for k, v in params.items()}
+        with torch.no_grad():
+            new, state, info = op.step(params, grads, state, StepContext(step, 100, 1.0, 1.0, 1.0))
+        update = {k: new[k] - params[k] for k in params}
+        norm = global_norm(update).item()
+        assert math.isfinite(norm) and 0 < norm < 5 * op.cfg.base_scale * math.sqrt(n)  # about base_scale per coordinate
+        params = new
+    with torch.no_grad():
+        op.net.head[-1].bias.copy_(torch.tensor([80.0, -80.0, 80.0]))
+        _, state, info = op.step(params, grads, state, StepContext(5, 100, 1.0, 1.0, 1.0))
+    assert 0 <= float(state["beta"]) <= 1 and T_MIN <= float(state["temperature"]) <= T_MAX
+    assert math.isfinite(float(info["step_scale"]))
+
+
+def test_non_finite_gradients_do_not_crash_or_poison_the_parameters():
+    model, _ = _problem(torch.float32)
+    op = LSTMOperator()
+    params, _ = split_state(model)
+    state = op.init(params)
+    grads = {k: torch.full_like(v, float("nan")) for k, v in params.items()}
+    grads[next(iter(grads))].view(-1)[0] = float("inf")
+    with torch.no_grad():
+        new, state, _ = op.step(params, grads, state, StepContext(0, 10, float("nan"), float("nan"), float("nan")))
+    assert all(torch.isfinite(v).all() for v in new.values())
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_checkpoint_round_trip_reproduces_updates(tmp_path):
+    model, _ = _problem(torch.float32)
+    op = _operator(torch.float32, seed=3)
+    op.save(tmp_path / "op.pt")
+    again = load_operator(tmp_path / "op.pt")
+    params, _ = split_state(model)
+    s1, s2 = op.init(params), again.init(params)
+    for step in range(3):
+        grads = {k: torch.randn_like(v, generator=torch.Generator().manual_seed(step)) for k, v in params.items()}
+        with torch.no_grad():
+            p1, s1, _ = op.step(params, grads, s1, StepContext(step, 10, 1.0, 1.0, 0.5))
+            p2, s2, _ = again.step(params, grads, s2, StepContext(step, 10, 1.0, 1.0, 0.5))
+        assert all(torch.equal(p1[k], p2[k]) for k in p1)
+        params = p1
+
+
+def test_wrong_checkpoint_kind_is_refused(tmp_path):
+    from l2o_kd.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "m.pt", "model", {}, model="tiny", params={}, buffers={})
+    with pytest.raises(UserError, match="'operator' checkpoint is needed"):
+        load_operator(tmp_path / "m.pt")
