@@ -189,9 +189,24 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
                       progress={"meta_step": meta_step, "episode": episode_idx, "skipped": skipped, "best_val_acc": best, "wall_s": wall})
 
     adam_cache: dict = {}
+
+    def validate() -> None:
+        """Meta-validation; the best operator so far (the initial one included) is kept."""
+        nonlocal best, wall
+        wall = time.perf_counter() - t_start
+        res = meta_validate(operator, cfg, splits, run_dir / "metaval" / f"step{meta_step}", adam_cache)
+        log.scalars(meta_step, res, "metaval/")
+        if res["lstm_val_acc"] > best:
+            best = res["lstm_val_acc"]
+            operator.save(best_path, meta={"meta_step": meta_step, "val_acc": best, "config": asdict(cfg)})
+        log.row({"step": meta_step, **res, "best_val_acc": best, "skipped": skipped, "wall_s": round(wall, 1)})
+        save_progress()
+
     ep = new_episode()
     bar = tqdm(total=cfg.meta_steps, initial=meta_step, desc="meta-train", disable=not cfg.progress, dynamic_ncols=True)
     t_start = time.perf_counter() - wall
+    if meta_step == 0:
+        validate()
     while meta_step < cfg.meta_steps and (cfg.minutes is None or (time.perf_counter() - t_start) < 60 * cfg.minutes):
         meta_loss = unroll(operator, ep, cfg.unroll)
         meta_opt.zero_grad()
@@ -219,14 +234,7 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
             episode_idx += 1
             ep = new_episode()
         if meta_step % cfg.validate_every == 0 or meta_step == cfg.meta_steps:
-            wall = time.perf_counter() - t_start
-            res = meta_validate(operator, cfg, splits, run_dir / "metaval" / f"step{meta_step}", adam_cache)
-            log.scalars(meta_step, res, "metaval/")
-            if res["lstm_val_acc"] > best:
-                best = res["lstm_val_acc"]
-                operator.save(best_path, meta={"meta_step": meta_step, "val_acc": best, "config": asdict(cfg)})
-            log.row({"step": meta_step, **res, "best_val_acc": best, "skipped": skipped, "wall_s": round(wall, 1)})
-            save_progress()
+            validate()
     wall = time.perf_counter() - t_start
     save_progress()
     bar.close()

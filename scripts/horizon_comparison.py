@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--tune-steps", type=int, default=None, help="[default: --steps]")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lrs", default=None, help='JSON {"sgd": lr, "adam": lr} to skip tuning')
+    ap.add_argument("--operators", default="sgd,adam,lstm", help="which of sgd, adam, lstm to run (finished runs are read back)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/horizon")
     args = ap.parse_args()
@@ -46,7 +47,7 @@ def main() -> None:
 
     lrs = json.loads(args.lrs) if args.lrs else {}
     for op, grid in GRIDS.items():
-        if op in lrs:
+        if op in lrs or op not in args.operators:
             continue
         scores = {}
         for lr in grid:
@@ -56,11 +57,14 @@ def main() -> None:
             print(json.dumps({"tune": op, "lr": lr, "val_acc": scores[lr]}), flush=True)
         lrs[op] = max(scores, key=scores.get)
     print(json.dumps({"chosen_lrs": lrs}), flush=True)
+    wanted = args.operators.split(",")
     if args.operator is None:
-        return
+        wanted = [w for w in wanted if w != "lstm"]
 
     finals: dict[str, list[dict]] = {}
-    for name, op, lr in (("sgd", "sgd", lrs["sgd"]), ("adam", "adam", lrs["adam"]), ("lstm", args.operator, 1.0)):
+    for name, op, lr in (("sgd", "sgd", lrs.get("sgd")), ("adam", "adam", lrs.get("adam")), ("lstm", args.operator, 1.0)):
+        if name not in wanted:
+            continue
         for seed in (int(s) for s in args.seeds.split(",")):
             cfg = TrainConfig(operator=op, lr=lr, momentum=0.9, steps=args.steps, seed=seed, runs_dir=str(out / "final"),
                               run_name=f"{name}-s{seed}", **common)
@@ -69,6 +73,8 @@ def main() -> None:
             finals.setdefault(name, []).append(row)
             print(json.dumps({"run": name, "seed": seed, "val_acc": row["val_acc"], "test_acc": row["test_acc"], "wall_s": row["wall_s"]}), flush=True)
 
+    if "adam" not in finals:
+        return
     target = statistics.mean(r["test_acc"] for r in finals["adam"])
     summary = {"steps": args.steps, "lrs": lrs, "adam_final_test_mean": target}
     for name, rows in finals.items():

@@ -45,7 +45,7 @@ def test_meta_train_then_deploy_end_to_end(tmp_path, teacher_ckpt, capsys):
     res = meta_train(cfg)
     assert res["meta_steps"] == 8 and res["skipped"] == 0
     rows = read_metrics(tmp_path / "m")
-    assert [r["step"] for r in rows] == [4, 8] and 0 < rows[-1]["lstm_val_acc"] <= 1
+    assert [r["step"] for r in rows] == [0, 4, 8] and 0 < rows[-1]["lstm_val_acc"] <= 1
     load_operator(res["best"])  # a valid operator checkpoint
     main(["deploy", "--optimizer", res["best"], "--dataset", "synthetic", "--teacher", str(teacher_ckpt), "--epochs", "3",
           "--batch-size", "64", "--runs-dir", str(tmp_path), "--run-name", "d", "--no-progress"])
@@ -71,4 +71,4 @@ def test_meta_train_resumes_and_skips_non_finite_steps(tmp_path, teacher_ckpt, m
     cfg.meta_steps = 6
     res = meta_train(cfg, resume=True)
     assert res["meta_steps"] == 6 and res["skipped"] == 1
-    assert [r["step"] for r in read_metrics(tmp_path / "m")] == [2, 4, 6]
+    assert [r["step"] for r in read_metrics(tmp_path / "m")] == [0, 2, 4, 6]

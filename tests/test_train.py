@@ -160,3 +160,29 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, monkey
         train(cfg)
     ck = load_checkpoint(tmp_path / "n" / "checkpoint.pt")
     assert ck["train_state"]["step"] == 28
+
+
+def test_checkpoint_of_wrong_shape_is_refused(tmp_path, teacher_ckpt):
+    ck = load_checkpoint(teacher_ckpt)
+    save_checkpoint(tmp_path / "wrong.pt", "model", ck["config"], model="small", params=ck["params"], buffers=ck["buffers"])
+    with pytest.raises(UserError, match="do not fit model 'small'"):
+        load_model_checkpoint(tmp_path / "wrong.pt")
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import os
+
+    from l2o_kd import checkpoint
+
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, "model", {"v": 1}, model="tiny", params={}, buffers={})
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        save_checkpoint(path, "model", {"v": 2}, model="tiny", params={}, buffers={})
+    monkeypatch.setattr(checkpoint.os, "fsync", os.fsync)
+    assert load_checkpoint(path)["config"] == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
