@@ -93,6 +93,12 @@ def train_teacher(**kw):
 @click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt].")
 @click.option("--beta", type=float, default=0.5, show_default=True, help="Weight of the KD term, in [0, 1]; 0 = no KD.")
 @click.option("--temperature", type=float, default=4.0, show_default=True)
+@click.option("--tune-kd", default=None, help="greedy | unrolled | extrapolate: move (beta, T) by validation hypergradients.")
+@click.option("--hyper-lr", type=float, default=0.25, show_default=True)
+@click.option("--hyper-clip", type=float, default=0.01, show_default=True, help="Hypergradient norm clip.")
+@click.option("--hyper-every", type=int, default=1, show_default=True, help="Steps between hyper-steps.")
+@click.option("--hyper-unroll", type=int, default=3, show_default=True, help="unrolled: steps differentiated through.")
+@click.option("--extrapolate-after", type=float, default=0.5, show_default=True, help="extrapolate: fraction of the run in the greedy phase.")
 @optimizer_options(lr=0.1, schedule="constant")
 @training_options
 def deploy(optimizer_ckpt, **kw):

@@ -19,6 +19,7 @@ from . import checkpoint as ckpt_io
 from .data import BatchLoader, Splits, load_splits
 from .distill import kd_terms, teacher_logits
 from .errors import Diverged, UserError
+from .hypergrad import Batches
 from .models import MODELS, apply, build_model, split_state
 from .runlog import RunLog, read_metrics
 from .operators import CLASSIC, Operator, Schedule, StepContext, classic_operator, global_norm
@@ -43,6 +44,12 @@ class TrainConfig:
     schedule: str = "constant"  # constant | step | cosine | onecycle
     lr_step_epochs: float = 10.0  # "step" schedule: multiply lr by lr_gamma every this many epochs
     lr_gamma: float = 0.5
+    tune_kd: str | None = None  # greedy | unrolled | extrapolate: (beta, T) moved by hypergradients
+    hyper_lr: float = 0.25
+    hyper_clip: float = 0.01
+    hyper_every: int = 1
+    hyper_unroll: int = 3
+    extrapolate_after: float = 0.5  # extrapolate: fraction of the run spent in the greedy phase
     epochs: float = 10.0
     steps: int | None = None  # wins over epochs
     batch_size: int = 128
@@ -119,14 +126,20 @@ def evaluate(model, params, buffers, loader: BatchLoader) -> tuple[float, float]
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
-def build_operator(cfg: TrainConfig, steps_per_epoch: int, device: str) -> Operator:
+def build_operator(cfg: TrainConfig, steps_per_epoch: int, total_steps: int, device: str) -> Operator:
     if cfg.operator.endswith(".pt"):
         from .operators.learned import load_operator
 
         return load_operator(cfg.operator, device=device)
     step_size = max(1, round(cfg.lr_step_epochs * steps_per_epoch))
     sched = Schedule(cfg.schedule, step_size=step_size, gamma=cfg.lr_gamma)
-    return classic_operator(cfg.operator, cfg.lr, sched, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+    op = classic_operator(cfg.operator, cfg.lr, sched, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+    if cfg.tune_kd:
+        from .hypergrad import HyperKD
+
+        switch = max(1, round(cfg.extrapolate_after * total_steps))
+        op = HyperKD(op, cfg.tune_kd, cfg.beta, cfg.temperature, cfg.hyper_lr, cfg.hyper_clip, cfg.hyper_every, cfg.hyper_unroll, switch)
+    return op
 
 
 class Teacher:
@@ -197,7 +210,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params, buffers = split_state(model)
-    operator = operator or build_operator(cfg, steps_per_epoch, dev)
+    operator = operator or build_operator(cfg, steps_per_epoch, total_steps, dev)
     teacher_path = resolve_teacher(cfg, operator)
     teacher = Teacher(teacher_path, splits, cfg.augment, dev) if teacher_path else None
     state = operator.init(params)
@@ -218,6 +231,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
             train_state={"operator": state, "step": step, "wall_s": wall_s},
         )
 
+    val_batches = _cycle(BatchLoader(*splits.split("val"), cfg.batch_size, shuffle=True, drop_last=True, **loader_kw), cfg.seed, step)
     bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not cfg.progress, dynamic_ncols=True)
     sums = _Sums()
     last_row: dict[str, Any] = {}
@@ -238,6 +252,8 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
                 raise Diverged(step, "training loss")
             grads = dict(zip(params, torch.autograd.grad(terms.total, list(params.values()))))
             ctx = StepContext(step, total_steps, terms.total.item(), terms.ce.item(), terms.kd.item())
+            if getattr(operator, "needs_batches", False):
+                ctx.batches = Batches(model, buffers, batch.x, batch.y, teacher.logits(batch), val_batches)
             with torch.no_grad():
                 new_params, state, info = operator.step({k: p.detach() for k, p in params.items()}, grads, state, ctx)
             if step % cfg.log_every == 0 or step % cfg.hist_every == 0:
@@ -292,7 +308,25 @@ def _log_step(log, step, cfg, params, new_params, grads, terms, beta, temperatur
         log.histogram(step, "update", torch.cat([u.flatten() for u in update.values()]))
 
 
+def _cycle(loader: BatchLoader, seed: int, start: int):
+    """An endless source of (x, y) batches of ``loader``, a function of (seed, start step) only."""
+    it = {"epoch": start // len(loader), "iter": None}
+
+    def next_batch():
+        while True:
+            if it["iter"] is None:
+                it["iter"] = loader.epoch(it["epoch"], seed + 7)
+            b = next(it["iter"], None)
+            if b is not None:
+                return b.x, b.y
+            it["epoch"], it["iter"] = it["epoch"] + 1, None
+
+    return next_batch
+
+
 def _to_device(tree, device):
     if isinstance(tree, dict):
         return {k: _to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_to_device(v, device) for v in tree]
     return tree.to(device) if isinstance(tree, torch.Tensor) else tree

@@ -29,6 +29,7 @@ class StepContext:
     loss: float = float("nan")  # training loss of this step's batch
     ce_loss: float = float("nan")
     kd_loss: float = float("nan")
+    batches: Any = None  # for operators with ``needs_batches`` (hypergradients): a hypergrad.Batches
 
     @property
     def progress(self) -> float:
