@@ -44,6 +44,7 @@ def optimizer_options(lr: float, schedule: str):
             click.option("--lr-step-epochs", type=float, default=10.0, show_default=True, help="step schedule: period in epochs."),
             click.option("--lr-gamma", type=float, default=0.5, show_default=True, help="step schedule: factor per period."),
             click.option("--augment", is_flag=True, help="Random crop (pad 4) and horizontal flip."),
+            click.option("--train-subset", type=int, default=None, help="Train on this many images only (e.g. 12800)."),
         ]
         for option in reversed(options):
             f = option(f)

@@ -78,6 +78,14 @@ class Splits:
     def test_y(self) -> torch.Tensor:
         return self.dataset.test_y
 
+    def subset(self, n: int, seed: int = SPLIT_SEED) -> "Splits":
+        """The same splits with only ``n`` training images (a fixed random subset, in their original order).
+        Teacher logits are cached per split content, so a subset gets its own cache entry."""
+        if not 0 < n <= len(self.train_y):
+            raise UserError(f"--train-subset must lie in [1, {len(self.train_y)}], got {n}")
+        keep = torch.randperm(len(self.train_y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return Splits(self.dataset, self.train_x[keep], self.train_y[keep], self.val_x, self.val_y)
+
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in ("train", "val", "test"):
             raise UserError(f"unknown split {name!r}: use train, val or test")

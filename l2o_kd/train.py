@@ -54,6 +54,7 @@ class TrainConfig:
     steps: int | None = None  # wins over epochs
     batch_size: int = 128
     augment: bool = False
+    train_subset: int | None = None  # use only this many training images (a fixed subset, e.g. the paper's 12,800)
     seed: int = 0
     device: str = "cpu"
     channels_last: bool = False
@@ -177,7 +178,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, dict | None]
         return run_dir, None  # nothing to resume: start fresh
     ck = ckpt_io.load_checkpoint(path, kind="model")
     saved = TrainConfig.from_dict(ck["config"])
-    for key in ("model", "dataset", "operator", "lr", "beta", "temperature", "seed", "batch_size", "augment", "schedule"):
+    for key in ("model", "dataset", "operator", "lr", "beta", "temperature", "seed", "batch_size", "augment", "schedule", "tune_kd", "train_subset"):
         if getattr(saved, key) != getattr(cfg, key):
             raise UserError(f"--resume: {key} is {getattr(cfg, key)!r} but the run in {run_dir} used {getattr(saved, key)!r}")
     return run_dir, ck
@@ -197,6 +198,8 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
     torch.backends.cudnn.benchmark = dev.startswith("cuda")
 
     splits = splits or load_splits(cfg.dataset, cfg.data_root, cfg.download)
+    if cfg.train_subset:
+        splits = splits.subset(cfg.train_subset)
     ds = splits.dataset
     loader_kw = dict(mean=ds.mean, std=ds.std, device=dev, channels_last=cfg.channels_last)
     train_loader = BatchLoader(splits.train_x, splits.train_y, cfg.batch_size, shuffle=True, augment=cfg.augment, drop_last=True, **loader_kw)
@@ -246,14 +249,15 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
             for p in params.values():
                 p.requires_grad_(True)
             logits = apply(model, params, buffers, batch.x, train=True)
-            terms = kd_terms(logits, teacher.logits(batch) if teacher else None, batch.y, beta, temperature)
+            t_logits = teacher.logits(batch) if teacher else None
+            terms = kd_terms(logits, t_logits, batch.y, beta, temperature)
             if not torch.isfinite(terms.total):
                 bar.close()
                 raise Diverged(step, "training loss")
             grads = dict(zip(params, torch.autograd.grad(terms.total, list(params.values()))))
             ctx = StepContext(step, total_steps, terms.total.item(), terms.ce.item(), terms.kd.item())
             if getattr(operator, "needs_batches", False):
-                ctx.batches = Batches(model, buffers, batch.x, batch.y, teacher.logits(batch), val_batches)
+                ctx.batches = Batches(model, buffers, batch.x, batch.y, t_logits, val_batches)
             with torch.no_grad():
                 new_params, state, info = operator.step({k: p.detach() for k, p in params.items()}, grads, state, ctx)
             if step % cfg.log_every == 0 or step % cfg.hist_every == 0:

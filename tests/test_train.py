@@ -186,3 +186,12 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.os, "fsync", os.fsync)
     assert load_checkpoint(path)["config"] == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def test_train_subset_gets_its_own_teacher_logits(teacher_ckpt):
+    splits = load_splits("synthetic")
+    sub = splits.subset(300)
+    model, _ = load_model_checkpoint(teacher_ckpt)
+    full, part = teacher_logits(model, teacher_ckpt, splits), teacher_logits(model, teacher_ckpt, sub)
+    assert len(part["train"]) == 300 and len(full["train"]) == len(splits.train_y)
+    assert torch.allclose(part["train"], predict(model, sub.train_x, splits.dataset.mean, splits.dataset.std))
