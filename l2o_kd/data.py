@@ -19,9 +19,9 @@ import hashlib
 import io
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -78,7 +78,7 @@ class Splits:
     def test_y(self) -> torch.Tensor:
         return self.dataset.test_y
 
-    def subset(self, n: int, seed: int = SPLIT_SEED) -> "Splits":
+    def subset(self, n: int, seed: int = SPLIT_SEED) -> Splits:
         """The same splits with only ``n`` training images (a fixed random subset, in their original order).
         Teacher logits are cached per split content, so a subset gets its own cache entry."""
         if not 0 < n <= len(self.train_y):
@@ -137,7 +137,6 @@ def load_cifar10(root: Path, download: bool = False) -> Dataset:
 
 def _find_cifar10_source(root: Path, download: bool) -> Path:
     """The first readable form of CIFAR-10 under ``root`` (see the module docstring)."""
-    candidates = []
     if root.is_file() and root.name.endswith((".tar.gz", ".tgz")):
         return root
     if (root / "cifar-10-batches-py").is_dir() or download:
@@ -145,7 +144,6 @@ def _find_cifar10_source(root: Path, download: bool) -> Path:
     for tree in (root, *sorted(p for p in root.glob("*") if p.is_dir())):
         if (tree / "train").is_dir() and (tree / "test").is_dir():
             return tree
-        candidates.append(tree)
     archives = sorted(root.glob("*.tar.gz")) + sorted(root.glob("*.tgz"))
     if archives:
         return archives[0]

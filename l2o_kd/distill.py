@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .checkpoint import save_atomic
 from .data import Splits, cache_dir
+from .models import apply
 
 
 @dataclass
@@ -47,6 +48,31 @@ def kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature) -> torch.
 
 def kd_loss(student, teacher, y, beta, temperature) -> torch.Tensor:
     return kd_terms(student, teacher, y, beta, temperature).total
+
+
+def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second_order: bool = False):
+    """Gradient of the KD loss w.r.t. ``params`` that stays differentiable in ``beta`` and
+    ``temperature`` (and in ``params`` too when ``second_order``), for meta- and hypergradients.
+
+    Built in logit space with one backward pass: ``g = J_s^T [(1-beta) dCE/ds + beta d(T^2 KL)/ds]``
+    with ``dCE/ds = (softmax(s) - onehot(y)) / n`` and ``d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T)) / n``.
+    First order (the default), ``J_s`` is taken at detached weights. Returns (grads, ce, kd) with the
+    two loss terms as floats.
+    """
+    if second_order:
+        w = {k: v if v.requires_grad else v.requires_grad_(True) for k, v in params.items()}
+    else:
+        w = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    s = apply(model, w, buffers, x, train=True)
+    n = len(y)
+    with torch.no_grad():
+        ce, kd = F.cross_entropy(s, y), kd_term(s, teacher, temperature)
+    s_ref = s if second_order else s.detach()
+    delta_ce = (F.softmax(s_ref, 1) - F.one_hot(y, s.shape[1]).to(s)) / n
+    delta_kd = temperature * (F.softmax(s_ref / temperature, 1) - F.softmax(teacher / temperature, 1)) / n
+    delta = (1 - beta) * delta_ce + beta * delta_kd
+    grads = torch.autograd.grad(s, list(w.values()), grad_outputs=delta, create_graph=True)
+    return dict(zip(w, grads)), float(ce), float(kd)
 
 
 # ----------------------------------------------------------------------------------------------

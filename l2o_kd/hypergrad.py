@@ -9,17 +9,19 @@ Bakhteev, Strijov), wrapped around any classic operator so it plugs into the sam
   the trajectory of h, then h follows the line (projected) with no more hypergradients.
 
 P projects beta onto [0, 1] and T onto [0.1, 10]. The gradient of the training loss is built as in
-:func:`l2o_kd.meta.kd_gradient`: in logit space, differentiable in beta and T.
+:func:`l2o_kd.distill.kd_gradient`: in logit space, differentiable in beta and T.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .distill import kd_gradient
 from .errors import UserError
 from .models import apply
 from .operators.base import KDChoice, Operator, Params, State, StepContext
@@ -39,12 +41,6 @@ class Batches:
     y: torch.Tensor
     teacher: torch.Tensor
     val_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-
-
-def kd_grad(model, params, buffers, x, y, teacher, beta, temperature, second_order: bool) -> Params:
-    from .meta import kd_gradient
-
-    return kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second_order)[0]
 
 
 def project(h: torch.Tensor) -> torch.Tensor:
@@ -103,7 +99,7 @@ class HyperKD(Operator):
         if second_order:
             p = {k: v.detach().requires_grad_(True) for k, v in p.items()}
         for st in steps:
-            g = kd_grad(b.model, p, b.buffers, st["x"], st["y"], st["t"], h[0], h[1], second_order)
+            g = kd_gradient(b.model, p, b.buffers, st["x"], st["y"], st["t"], h[0], h[1], second_order)[0]
             p, s, _ = self.inner.step(p, g, s, StepContext(st["step"], ctx.total_steps))
         xv, yv = b.val_batch()
         val = F.cross_entropy(apply(b.model, p, {k: v.clone() for k, v in b.buffers.items()}, xv, train=True), yv)

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint
 from .data import Splits, load_splits
-from .distill import teacher_logits
+from .distill import kd_gradient, teacher_logits
 from .errors import UserError
 from .models import apply, build_model, split_state
 from .operators import Adam, Operator, StepContext
@@ -76,30 +76,6 @@ class MetaConfig:
     @property
     def lengths(self) -> list[int]:
         return [int(x) for x in self.curriculum.split(",")]
-
-
-# ----------------------------------------------------------------------------------------------
-# One inner step with a gradient the meta-gradient can pass through
-
-
-def kd_gradient(model, params, buffers, x, y, t_logits, beta, temperature, second_order: bool = False):
-    """Gradient of the KD loss w.r.t. ``params``, differentiable in ``beta`` and ``temperature``
-    (and in ``params`` too when ``second_order``). Returns (grads, ce, kd) with ce/kd as floats."""
-    w = params if second_order else {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    if second_order:
-        w = {k: v if v.requires_grad else v.requires_grad_(True) for k, v in w.items()}
-    s = apply(model, w, buffers, x, train=True)
-    n = len(y)
-    with torch.no_grad():
-        ce = F.cross_entropy(s, y)
-        log_qs, log_qt = F.log_softmax(s / temperature, 1), F.log_softmax(t_logits / temperature, 1)
-        kd = temperature**2 * (log_qt.exp() * (log_qt - log_qs)).sum(1).mean()
-    s_ref = s if second_order else s.detach()
-    delta_ce = (F.softmax(s_ref, 1) - F.one_hot(y, s.shape[1]).to(s)) / n
-    delta_kd = temperature * (F.softmax(s_ref / temperature, 1) - F.softmax(t_logits / temperature, 1)) / n
-    delta = (1 - beta) * delta_ce + beta * delta_kd
-    grads = torch.autograd.grad(s, list(w.values()), grad_outputs=delta, create_graph=True)
-    return dict(zip(w, grads)), float(ce), float(kd)
 
 
 class Episode:
@@ -259,9 +235,3 @@ def meta_validate(operator: Operator, cfg: MetaConfig, splits: Splits, out_dir: 
             if name == "adam":
                 adam_cache[seed] = accs[name][-1]
     return {"lstm_val_acc": sum(accs["lstm"]) / len(accs["lstm"]), "adam_val_acc": sum(accs["adam"]) / len(accs["adam"])}
-
-
-def load_meta_config(d: dict) -> MetaConfig:
-    names = {f.name for f in fields(MetaConfig)}
-    return MetaConfig(**{k: v for k, v in d.items() if k in names})
-

@@ -21,8 +21,8 @@ from .distill import kd_terms, teacher_logits
 from .errors import Diverged, UserError
 from .hypergrad import Batches
 from .models import MODELS, apply, build_model, split_state
-from .runlog import RunLog, read_metrics
 from .operators import CLASSIC, Operator, Schedule, StepContext, classic_operator, global_norm
+from .runlog import RunLog, read_metrics
 
 DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "checkpoints" / "teacher-resnet20.pt"
 
@@ -66,7 +66,7 @@ class TrainConfig:
     tensorboard: bool = True
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FAST
 from torch import nn
 
-from conftest import FAST
-from l2o_kd.distill import kd_loss
-from l2o_kd.hypergrad import Batches, HyperKD, add_point, kd_grad, line_at, project
+from l2o_kd.distill import kd_gradient, kd_loss
+from l2o_kd.hypergrad import Batches, HyperKD, add_point, line_at, project
 from l2o_kd.operators import SGD, Adam, StepContext
 from l2o_kd.runlog import read_metrics
 from l2o_kd.train import TrainConfig, train
@@ -25,7 +25,7 @@ def _val_after(model, params, inner, data, h):
     """The function being differentiated: L_val after len(data) training steps with hyperparameters h."""
     p, s = params, inner.init(params)
     for i, (x, y, t) in enumerate(data):
-        g = kd_grad(model, p, {}, x, y, t, h[0], h[1], second_order=True)
+        g = kd_gradient(model, p, {}, x, y, t, h[0], h[1], second_order=True)[0]
         p, s, _ = inner.step(p, g, s, StepContext(i, 10))
     xv, yv = _val_after.val
     return F.cross_entropy(torch.func.functional_call(model, p, (xv,)), yv)
@@ -43,7 +43,7 @@ def test_hypergradient_matches_finite_differences(inner, method, k):
     window, p, s = [], params, state
     for i, (x, y, t) in enumerate(data):  # the real trajectory with fixed h, as the training loop runs it
         window.append({"params": p, "inner": s, "x": x, "y": y, "t": t, "step": i})
-        g = kd_grad(model, p, {}, x, y, t, h[0], h[1], second_order=False)
+        g = kd_gradient(model, p, {}, x, y, t, h[0], h[1], second_order=False)[0]
         p, s, _ = inner.step({k_: v.detach() for k_, v in p.items()}, {k_: v.detach() for k_, v in g.items()}, s, StepContext(i, 10))
     x, y, t = data[0]
     b = Batches(model, {}, x, y, t, lambda: val)
@@ -60,7 +60,7 @@ def test_hypergradient_matches_finite_differences(inner, method, k):
 def test_logit_space_gradient_equals_autograd_gradient_of_the_kd_loss():
     model, params, data, _ = _setup()
     x, y, t = data[0]
-    ours = kd_grad(model, params, {}, x, y, t, 0.3, 2.0, second_order=False)
+    ours = kd_gradient(model, params, {}, x, y, t, 0.3, 2.0, second_order=False)[0]
     ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     ref = torch.autograd.grad(kd_loss(torch.func.functional_call(model, ps, (x,)), t, y, 0.3, 2.0), list(ps.values()))
     for (k, g), r in zip(ours.items(), ref):

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from l2o_kd.distill import kd_gradient
 from l2o_kd.errors import UserError
-from l2o_kd.meta import kd_gradient
 from l2o_kd.models import split_state
 from l2o_kd.operators import StepContext, global_norm
 from l2o_kd.operators.learned import T_MAX, T_MIN, LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator

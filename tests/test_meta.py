@@ -1,6 +1,6 @@
 import torch
 
-import l2o_kd.meta as meta
+from l2o_kd import meta
 from l2o_kd.cli import main
 from l2o_kd.data import load_splits
 from l2o_kd.distill import teacher_logits

@@ -61,9 +61,9 @@ def test_functional_operator_equals_torch_optim_over_20_steps(op, make_opt):
 def test_schedules_match_torch_schedulers(kind, make_sched):
     ours = _run_functional(SGD(lr=0.1, momentum=0.9, schedule=Schedule(kind, step_size=7)))
     # OneCycleLR also cycles momentum by default; ours does not, so compare against plain momentum there
-    make_opt = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
+    make_opt = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)
     if kind == "onecycle":
-        make_sched_ = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20, pct_start=0.25, cycle_momentum=False)  # noqa: E731
+        make_sched_ = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20, pct_start=0.25, cycle_momentum=False)
     else:
         make_sched_ = make_sched
     ref = _run_torch(make_opt, sched=make_sched_)

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import FAST
 
 import l2o_kd.train as train_mod
 from l2o_kd.checkpoint import load_checkpoint, save_checkpoint
@@ -11,8 +12,6 @@ from l2o_kd.distill import predict, teacher_logits
 from l2o_kd.errors import UserError
 from l2o_kd.runlog import read_metrics
 from l2o_kd.train import TrainConfig, load_model_checkpoint, train
-
-from conftest import FAST
 
 
 def test_deploy_loss_falls_and_writes_metrics_events_checkpoint(tmp_path, teacher_ckpt):

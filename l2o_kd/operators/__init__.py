@@ -9,7 +9,7 @@ from .schedules import SCHEDULES, Schedule
 
 CLASSIC = ("sgd", "adam", "adamw")
 
-__all__ = ["Operator", "Params", "State", "StepContext", "KDChoice", "global_norm", "SGD", "Adam", "Schedule", "SCHEDULES", "CLASSIC", "classic_operator"]
+__all__ = ["CLASSIC", "SCHEDULES", "SGD", "Adam", "KDChoice", "Operator", "Params", "Schedule", "State", "StepContext", "classic_operator", "global_norm"]
 
 
 def classic_operator(name: str, lr: float, schedule: Schedule, momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0) -> Operator:

@@ -64,7 +64,7 @@ class Adam(Operator):
         return "adamw" if self.decoupled else "adam"
 
     def init(self, params: Params) -> State:
-        zeros = lambda: {k: torch.zeros_like(p) for k, p in params.items()}  # noqa: E731
+        zeros = lambda: {k: torch.zeros_like(p) for k, p in params.items()}
         return {"m": zeros(), "v": zeros(), "t": torch.zeros((), dtype=torch.long)}
 
     def step(self, params: Params, grads: Params, state: State, ctx: StepContext):

@@ -79,7 +79,7 @@ class LSTMOperator(Operator):
         ref = next(iter(params.values()))
         n = sum(p.numel() for p in params.values())
         c = self.cfg
-        z = lambda *s: torch.zeros(*s, device=ref.device, dtype=ref.dtype)  # noqa: E731
+        z = lambda *s: torch.zeros(*s, device=ref.device, dtype=ref.dtype)
         return {
             "momenta": z(len(c.timescales), n),
             "h": z(c.layers, n, c.hidden),
