@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import tarfile
 from collections.abc import Iterator
@@ -311,6 +312,14 @@ class BatchLoader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield Batch(x, self.y[idx], idx)
+
+
+    def batch_at(self, index: int, seed: int = 0) -> Batch:
+        """Batch number ``index`` of the endless stream epoch(0), epoch(1), ... (un-augmented loaders):
+        a pure function of (index, seed), so a resumed run draws the same batches."""
+        assert not self.augment, "batch_at is for un-augmented streams"
+        epoch, i = divmod(index, len(self))
+        return next(itertools.islice(self.epoch(epoch, seed), i, None))
 
 
 def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:

@@ -7,6 +7,7 @@ evaluate + log + checkpoint every epoch.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -234,7 +235,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
             train_state={"operator": state, "step": step, "wall_s": wall_s},
         )
 
-    val_batches = _cycle(BatchLoader(*splits.split("val"), cfg.batch_size, shuffle=True, drop_last=True, **loader_kw), cfg.seed, step)
+    val_stream = BatchLoader(*splits.split("val"), cfg.batch_size, shuffle=True, drop_last=True, **loader_kw)
     bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not cfg.progress, dynamic_ncols=True)
     sums = _Sums()
     last_row: dict[str, Any] = {}
@@ -257,7 +258,8 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
             grads = dict(zip(params, torch.autograd.grad(terms.total, list(params.values()))))
             ctx = StepContext(step, total_steps, terms.total.item(), terms.ce.item(), terms.kd.item())
             if getattr(operator, "needs_batches", False):
-                ctx.batches = Batches(model, buffers, batch.x, batch.y, t_logits, val_batches)
+                val = functools.partial(_xy, val_stream, step, cfg.seed + 7)  # the val batch of this step
+                ctx.batches = Batches(model, buffers, batch.x, batch.y, t_logits, val)
             with torch.no_grad():
                 new_params, state, info = operator.step({k: p.detach() for k, p in params.items()}, grads, state, ctx)
             if step % cfg.log_every == 0 or step % cfg.hist_every == 0:
@@ -312,20 +314,9 @@ def _log_step(log, step, cfg, params, new_params, grads, terms, beta, temperatur
         log.histogram(step, "update", torch.cat([u.flatten() for u in update.values()]))
 
 
-def _cycle(loader: BatchLoader, seed: int, start: int):
-    """An endless source of (x, y) batches of ``loader``, a function of (seed, start step) only."""
-    it = {"epoch": start // len(loader), "iter": None}
-
-    def next_batch():
-        while True:
-            if it["iter"] is None:
-                it["iter"] = loader.epoch(it["epoch"], seed + 7)
-            b = next(it["iter"], None)
-            if b is not None:
-                return b.x, b.y
-            it["epoch"], it["iter"] = it["epoch"] + 1, None
-
-    return next_batch
+def _xy(loader: BatchLoader, index: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b = loader.batch_at(index, seed)
+    return b.x, b.y
 
 
 def _to_device(tree, device):

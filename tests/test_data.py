@@ -83,3 +83,11 @@ def test_real_cifar_copy(real_cifar):
     # mean pixel per channel close to the published CIFAR-10 statistics
     mean = ds.train_x[::10].float().mean(dim=(0, 2, 3)) / 255
     assert torch.allclose(mean, torch.tensor(ds.mean), atol=0.01)
+
+
+def test_batch_at_reproduces_the_stream():
+    ds = make_synthetic(n_train=100)
+    loader = BatchLoader(ds.train_x, ds.train_y, 16, mean=ds.mean, std=ds.std, drop_last=True)
+    stream = [b for e in range(3) for b in loader.epoch(e, seed=5)]
+    for i in (0, 5, 6, 13, 17):
+        assert torch.equal(loader.batch_at(i, seed=5).idx, stream[i].idx)
