@@ -50,6 +50,14 @@ def kd_loss(student, teacher, y, beta, temperature) -> torch.Tensor:
     return kd_terms(student, teacher, y, beta, temperature).total
 
 
+def kd_logit_gradient(s: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, beta, temperature) -> torch.Tensor:
+    """d L / d s for student logits ``s``: ``(1-beta) (softmax(s) - onehot(y)) / n + beta T (softmax(s/T) - softmax(t/T)) / n``."""
+    n = len(y)
+    delta_ce = (F.softmax(s, 1) - F.one_hot(y, s.shape[1]).to(s)) / n
+    delta_kd = temperature * (F.softmax(s / temperature, 1) - F.softmax(teacher / temperature, 1)) / n
+    return (1 - beta) * delta_ce + beta * delta_kd
+
+
 def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second_order: bool = False):
     """Gradient of the KD loss w.r.t. ``params`` that stays differentiable in ``beta`` and
     ``temperature`` (and in ``params`` too when ``second_order``), for meta- and hypergradients.
@@ -64,13 +72,9 @@ def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second
     else:
         w = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     s = apply(model, w, buffers, x, train=True)
-    n = len(y)
     with torch.no_grad():
         ce, kd = F.cross_entropy(s, y), kd_term(s, teacher, temperature)
-    s_ref = s if second_order else s.detach()
-    delta_ce = (F.softmax(s_ref, 1) - F.one_hot(y, s.shape[1]).to(s)) / n
-    delta_kd = temperature * (F.softmax(s_ref / temperature, 1) - F.softmax(teacher / temperature, 1)) / n
-    delta = (1 - beta) * delta_ce + beta * delta_kd
+    delta = kd_logit_gradient(s if second_order else s.detach(), teacher, y, beta, temperature)
     grads = torch.autograd.grad(s, list(w.values()), grad_outputs=delta, create_graph=True)
     return dict(zip(w, grads)), float(ce), float(kd)
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .distill import kd_gradient
+from .distill import kd_gradient, kd_logit_gradient
 from .errors import UserError
 from .models import apply
 from .operators.base import KDChoice, Operator, Params, State, StepContext
@@ -81,7 +81,10 @@ class HyperKD(Operator):
             h = project(line_at(state["fit"], ctx.step + 1).to(h))
         elif (ctx.step + 1) % self.every == 0 and (self.method != "unrolled" or len(window) == self.unroll):
             with torch.enable_grad():
-                dh = self.hypergradient(h, window if self.method == "unrolled" else None, params, state["inner"], b, ctx)
+                if self.method == "unrolled":
+                    dh = self.unrolled_hypergradient(h, window, b, ctx)
+                else:
+                    dh = self.greedy_hypergradient(h, params, grads, state["inner"], b, ctx)
             norm = dh.norm()
             if torch.isfinite(norm):
                 dh = dh * min(1.0, self.clip / (float(norm) + 1e-12)) if self.clip > 0 else dh
@@ -90,25 +93,49 @@ class HyperKD(Operator):
         fit = state["fit"] if extrapolating else add_point(state["fit"], ctx.step + 1, h)
         return new_params, {"inner": inner_state, "h": h.detach(), "fit": fit, "window": window}, info
 
-    def hypergradient(self, h, window, params, inner_state, b: Batches, ctx: StepContext) -> torch.Tensor:
-        """d L_val / d h through one step (greedy) or through the stored window (unrolled)."""
+    def greedy_hypergradient(self, h, params: Params, grads: Params, inner_state: State, b: Batches, ctx: StepContext) -> torch.Tensor:
+        """dL_val(Phi(w, g(h))) / dh at fixed w, without differentiating through the student twice.
+
+        With g(h) = J^T delta(h) (J: Jacobian of the logits at w, delta: the loss gradient in logit
+        space), dL/dh = (J a) . d delta/dh where a = dL_val/dg (a backward pass through the operator
+        step and the validation forward) and J a is one forward-mode product (``torch.func.jvp``).
+        ``grads`` must be g(h) at the current h (the training loop's gradient is).
+        """
+        g = {k: v.detach().requires_grad_(True) for k, v in grads.items()}
+        new_params, _, _ = self.inner.step(params, g, inner_state, ctx)
+        xv, yv = b.val_batch()
+        val = F.cross_entropy(apply(b.model, new_params, _copy(b.buffers), xv, train=True), yv)
+        a = torch.autograd.grad(val, list(g.values()))
+        names = list(params)
+        logits, ja = torch.func.jvp(lambda *w: apply(b.model, dict(zip(names, w)), _copy(b.buffers), b.x, train=True),
+                                    tuple(params[k] for k in names), tuple(a))
         h = h.detach().requires_grad_(True)
-        steps = window or [{"params": params, "inner": inner_state, "x": b.x, "y": b.y, "t": b.teacher, "step": ctx.step}]
-        second_order = window is not None
-        p, s = steps[0]["params"], steps[0]["inner"]
-        if second_order:
-            p = {k: v.detach().requires_grad_(True) for k, v in p.items()}
-        for st in steps:
-            g = kd_gradient(b.model, p, b.buffers, st["x"], st["y"], st["t"], h[0], h[1], second_order)[0]
+        delta = kd_logit_gradient(logits.detach(), b.teacher, b.y, h[0], h[1])
+        (dh,) = torch.autograd.grad(delta, h, grad_outputs=ja)
+        return dh
+
+    def unrolled_hypergradient(self, h, window: list, b: Batches, ctx: StepContext) -> torch.Tensor:
+        """dL_val / dh through the stored window of training steps, replayed exactly (second order)."""
+        h = h.detach().requires_grad_(True)
+        p = {k: v.detach().requires_grad_(True) for k, v in window[0]["params"].items()}
+        s = window[0]["inner"]
+        for st in window:
+            g = kd_gradient(b.model, p, _copy(b.buffers), st["x"], st["y"], st["t"], h[0], h[1], second_order=True)[0]
             p, s, _ = self.inner.step(p, g, s, StepContext(st["step"], ctx.total_steps))
         xv, yv = b.val_batch()
-        val = F.cross_entropy(apply(b.model, p, {k: v.clone() for k, v in b.buffers.items()}, xv, train=True), yv)
+        val = F.cross_entropy(apply(b.model, p, _copy(b.buffers), xv, train=True), yv)
         (dh,) = torch.autograd.grad(val, h)
         return dh
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "inner": self.inner.config(), "method": self.method, "beta0": self.h0[0], "temperature0": self.h0[1],
                 "hyper_lr": self.hyper_lr, "clip": self.clip, "every": self.every, "unroll": self.unroll, "switch": self.switch}
+
+
+def _copy(buffers: Params) -> Params:
+    """BatchNorm buffers for an extra forward pass: train mode normalizes with batch statistics, and the
+    real running statistics must not be updated twice in one step."""
+    return {k: v.clone() for k, v in buffers.items()}
 
 
 def add_point(fit: torch.Tensor, t: int, h: torch.Tensor) -> torch.Tensor:

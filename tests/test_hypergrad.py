@@ -47,7 +47,11 @@ def test_hypergradient_matches_finite_differences(inner, method, k):
         p, s, _ = inner.step({k_: v.detach() for k_, v in p.items()}, {k_: v.detach() for k_, v in g.items()}, s, StepContext(i, 10))
     x, y, t = data[0]
     b = Batches(model, {}, x, y, t, lambda: val)
-    dh = op.hypergradient(h, window if method == "unrolled" else None, params, state, b, StepContext(0, 10))
+    if method == "unrolled":
+        dh = op.unrolled_hypergradient(h, window, b, StepContext(0, 10))
+    else:
+        g0 = {k_: v.detach() for k_, v in kd_gradient(model, params, {}, x, y, t, h[0], h[1])[0].items()}
+        dh = op.greedy_hypergradient(h, params, g0, state, b, StepContext(0, 10))
     eps = 1e-6
     for j in range(2):
         e = torch.zeros(2, dtype=torch.float64)
