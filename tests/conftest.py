@@ -34,3 +34,24 @@ def teacher_ckpt(tmp_path_factory):
     runs = tmp_path_factory.mktemp("teacher")
     train(TrainConfig(model="tiny_wide", beta=0.0, epochs=6, lr=0.05, runs_dir=str(runs), run_name="t", tensorboard=False, **FAST))
     return runs / "t" / "checkpoint.pt"
+
+
+def interrupted_then_resumed(monkeypatch, cfg_kw: dict, crash_at_step: int) -> dict:
+    """Run ``train`` under run name "cut", "kill" it (KeyboardInterrupt) when it reaches the
+    ``crash_at_step``-th training loss, then ``--resume`` it; returns the resumed run's last row."""
+    import l2o_kd.train as train_mod
+    from l2o_kd.train import TrainConfig, train
+
+    real, calls = train_mod.kd_terms, {"n": 0}
+
+    def crash(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == crash_at_step:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "kd_terms", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(run_name="cut", **cfg_kw))
+    monkeypatch.setattr(train_mod, "kd_terms", real)
+    return train(TrainConfig(run_name="cut", **cfg_kw), resume=True)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST
+from conftest import FAST, interrupted_then_resumed
 from torch import nn
 
 from l2o_kd.distill import kd_gradient, kd_loss
@@ -97,23 +97,9 @@ def test_short_synthetic_run_moves_the_hyperparameters(tmp_path, teacher_ckpt, m
 
 
 def test_resumed_hypergradient_run_equals_uninterrupted(tmp_path, teacher_ckpt, monkeypatch):
-    import l2o_kd.train as train_mod
-
     kw = dict(model="tiny", teacher=str(teacher_ckpt), tune_kd="greedy", beta=0.5, temperature=2.0, hyper_lr=0.5, hyper_clip=0.0,
               lr=0.05, epochs=2, runs_dir=str(tmp_path), tensorboard=False, **FAST)
     full = train(TrainConfig(run_name="full", **kw))
-    real, calls = train_mod.kd_terms, {"n": 0}
-
-    def crash(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 28 + 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "kd_terms", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(run_name="cut", **kw))
-    monkeypatch.setattr(train_mod, "kd_terms", real)
-    resumed = train(TrainConfig(run_name="cut", **kw), resume=True)
+    resumed = interrupted_then_resumed(monkeypatch, kw, crash_at_step=28 + 4)
     for key in ("beta", "temperature", "val_loss", "test_acc"):
         assert resumed[key] == pytest.approx(full[key], abs=1e-6)

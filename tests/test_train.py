@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, interrupted_then_resumed
 
 import l2o_kd.train as train_mod
 from l2o_kd.checkpoint import load_checkpoint, save_checkpoint
@@ -35,20 +35,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, teacher_ckpt, monkeypatc
     kw = dict(model="tiny", teacher=str(teacher_ckpt), operator="adam", lr=3e-3, epochs=3, runs_dir=str(tmp_path), tensorboard=False, **FAST)
     full = train(TrainConfig(run_name="full", **kw))
 
-    calls = {"n": 0}
-    real = train_mod.kd_terms
-
-    def crash_midway(*a, **k):  # "kill" the run in its third epoch, after two checkpoints
-        calls["n"] += 1
-        if calls["n"] == 2 * 28 + 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "kd_terms", crash_midway)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(run_name="cut", **kw))
-    monkeypatch.setattr(train_mod, "kd_terms", real)
-    resumed = train(TrainConfig(run_name="cut", **kw), resume=True)
+    resumed = interrupted_then_resumed(monkeypatch, kw, crash_at_step=2 * 28 + 5)  # in epoch 3, after two checkpoints
     for key in ("train_loss", "val_loss", "test_acc", "val_acc"):
         assert resumed[key] == pytest.approx(full[key], abs=1e-6)
     rows = read_metrics(tmp_path / "cut")
