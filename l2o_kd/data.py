@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import os
 import tarfile
 from collections.abc import Iterator
@@ -299,27 +298,32 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def epoch(self, epoch: int = 0, seed: int = 0) -> Iterator[Batch]:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        n = len(self.y)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        order = order.to(self.device)
+        g, order = self._order(epoch, seed)
         for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            x = self.x[idx].float()
-            if self.augment:
-                x = random_crop_flip(x, g)
-            x = (x - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield Batch(x, self.y[idx], idx)
-
+            yield self._batch(order[b * self.batch_size : (b + 1) * self.batch_size], g)
 
     def batch_at(self, index: int, seed: int = 0) -> Batch:
         """Batch number ``index`` of the endless stream epoch(0), epoch(1), ... (un-augmented loaders):
         a pure function of (index, seed), so a resumed run draws the same batches."""
         assert not self.augment, "batch_at is for un-augmented streams"
-        epoch, i = divmod(index, len(self))
-        return next(itertools.islice(self.epoch(epoch, seed), i, None))
+        epoch, b = divmod(index, len(self))
+        _, order = self._order(epoch, seed)
+        return self._batch(order[b * self.batch_size : (b + 1) * self.batch_size], None)
+
+    def _order(self, epoch: int, seed: int) -> tuple[torch.Generator, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        n = len(self.y)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        return g, order.to(self.device)
+
+    def _batch(self, idx: torch.Tensor, g: torch.Generator | None) -> Batch:
+        x = self.x[idx].float()
+        if self.augment:
+            x = random_crop_flip(x, g)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return Batch(x, self.y[idx], idx)
 
 
 def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:

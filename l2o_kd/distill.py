@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .checkpoint import save_atomic
 from .data import Splits, cache_dir
-from .models import apply
+from .models import apply, frozen
 
 
 @dataclass
@@ -48,6 +48,12 @@ def kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature) -> torch.
 
 def kd_loss(student, teacher, y, beta, temperature) -> torch.Tensor:
     return kd_terms(student, teacher, y, beta, temperature).total
+
+
+def batch_ce(model, params, buffers, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of one (validation) batch, differentiable in ``params``: train-mode BatchNorm on
+    batch statistics, running statistics untouched. The meta- and hyper-objectives are made of it."""
+    return F.cross_entropy(apply(model, params, frozen(buffers), x, train=True), y)
 
 
 def kd_logit_gradient(s: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, beta, temperature) -> torch.Tensor:

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .distill import kd_gradient, kd_logit_gradient
+from .distill import batch_ce, kd_gradient, kd_logit_gradient
 from .errors import UserError
-from .models import apply
+from .models import apply, frozen
 from .operators.base import KDChoice, Operator, Params, State, StepContext
 
 METHODS = ("greedy", "unrolled", "extrapolate")
@@ -104,10 +103,10 @@ class HyperKD(Operator):
         g = {k: v.detach().requires_grad_(True) for k, v in grads.items()}
         new_params, _, _ = self.inner.step(params, g, inner_state, ctx)
         xv, yv = b.val_batch()
-        val = F.cross_entropy(apply(b.model, new_params, _copy(b.buffers), xv, train=True), yv)
+        val = batch_ce(b.model, new_params, b.buffers, xv, yv)
         a = torch.autograd.grad(val, list(g.values()))
         names = list(params)
-        logits, ja = torch.func.jvp(lambda *w: apply(b.model, dict(zip(names, w)), _copy(b.buffers), b.x, train=True),
+        logits, ja = torch.func.jvp(lambda *w: apply(b.model, dict(zip(names, w)), frozen(b.buffers), b.x, train=True),
                                     tuple(params[k] for k in names), tuple(a))
         h = h.detach().requires_grad_(True)
         delta = kd_logit_gradient(logits.detach(), b.teacher, b.y, h[0], h[1])
@@ -120,22 +119,16 @@ class HyperKD(Operator):
         p = {k: v.detach().requires_grad_(True) for k, v in window[0]["params"].items()}
         s = window[0]["inner"]
         for st in window:
-            g = kd_gradient(b.model, p, _copy(b.buffers), st["x"], st["y"], st["t"], h[0], h[1], second_order=True)[0]
+            g = kd_gradient(b.model, p, frozen(b.buffers), st["x"], st["y"], st["t"], h[0], h[1], second_order=True)[0]
             p, s, _ = self.inner.step(p, g, s, StepContext(st["step"], ctx.total_steps))
         xv, yv = b.val_batch()
-        val = F.cross_entropy(apply(b.model, p, _copy(b.buffers), xv, train=True), yv)
+        val = batch_ce(b.model, p, b.buffers, xv, yv)
         (dh,) = torch.autograd.grad(val, h)
         return dh
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "inner": self.inner.config(), "method": self.method, "beta0": self.h0[0], "temperature0": self.h0[1],
                 "hyper_lr": self.hyper_lr, "clip": self.clip, "every": self.every, "unroll": self.unroll, "switch": self.switch}
-
-
-def _copy(buffers: Params) -> Params:
-    """BatchNorm buffers for an extra forward pass: train mode normalizes with batch statistics, and the
-    real running statistics must not be updated twice in one step."""
-    return {k: v.clone() for k, v in buffers.items()}
 
 
 def add_point(fit: torch.Tensor, t: int, h: torch.Tensor) -> torch.Tensor:

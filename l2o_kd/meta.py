@@ -23,14 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
 from .data import Splits, load_splits
-from .distill import kd_gradient, teacher_logits
+from .distill import batch_ce, kd_gradient, teacher_logits
 from .errors import UserError
-from .models import apply, build_model, split_state
+from .models import build_model, split_state
 from .operators import Adam, Operator, StepContext
 from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet
 from .runlog import RunLog
@@ -120,8 +119,7 @@ def unroll(operator: LSTMOperator, ep: Episode, k: int) -> torch.Tensor:
         ctx = StepContext(ep.step, ep.length, loss, ce, kdl)
         ep.params, ep.state, _ = operator.step(ep.params, grads, ep.state, ctx)
         xv, yv, _ = ep.batch("val")
-        val_buffers = {k: v.clone() for k, v in ep.buffers.items()}  # batch statistics, running stats untouched
-        losses.append(F.cross_entropy(apply(ep.model, ep.params, val_buffers, xv, train=True), yv))
+        losses.append(batch_ce(ep.model, ep.params, ep.buffers, xv, yv))
         ep.step += 1
     return torch.stack(losses).mean()
 

@@ -128,3 +128,9 @@ def apply(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, tr
     in place (running statistics are not differentiated), in eval mode it uses them."""
     model.train(train)
     return functional_call(model, (params, buffers), (x,), tie_weights=False, strict=True)
+
+
+def frozen(buffers: Params) -> Params:
+    """Copies of BatchNorm buffers for an extra train-mode forward pass (a validation batch, a
+    replayed step): it normalizes with batch statistics and leaves the real running statistics alone."""
+    return {k: v.clone() for k, v in buffers.items()}
