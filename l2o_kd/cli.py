@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -140,13 +141,63 @@ def deploy(optimizer_ckpt, **kw):
 @click.option("--no-progress", is_flag=True)
 def meta_train_cmd(threads, resume, no_progress, **kw):
     """Meta-train the learned LSTM operator across short distillation episodes."""
-    import torch
-
     from .meta import MetaConfig, meta_train
 
-    if threads:
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     click.echo(json.dumps(meta_train(MetaConfig(**kw, progress=not no_progress), resume=resume)))
+
+
+@cli.command()
+@click.option("--operators", default="sgd,adam", show_default=True,
+              help="Comma-separated: sgd | adam | adamw | BASE+greedy|unrolled|extrapolate | ckpt:PATH (a learned operator).")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0..N-1 (student initialization and data order).")
+@click.option("--student", default="tiny", show_default=True)
+@click.option("--epochs", type=float, default=20.0, show_default=True)
+@click.option("--steps", type=int, default=None, help="Length in steps (wins over --epochs).")
+@click.option("--dataset", default="cifar10", show_default=True, help="cifar10 | synthetic")
+@click.option("--data-root", default=None)
+@click.option("--download", is_flag=True)
+@click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt].")
+@click.option("--beta", type=float, default=0.5, show_default=True, help="Fixed KD weight of the classic operators.")
+@click.option("--temperature", type=float, default=4.0, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--lr", "lr_items", multiple=True, help="Fix a base operator's lr, e.g. --lr sgd=0.1 (not tuned then).")
+@click.option("--tune-lr", type=int, default=0, show_default=True, help="Tune classic lrs over a log grid of N values on validation.")
+@click.option("--tune-steps", type=int, default=1000, show_default=True, help="Length of each tuning run.")
+@click.option("--target", type=float, default=None, help="Test accuracy for 'steps to target' [default: best classic final mean].")
+@click.option("--evals", type=int, default=20, show_default=True, help="Evaluation points per run.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="torch intra-op threads [default: all cores].")
+@click.option("--out", default="results/compare", show_default=True, help="Output folder; rerunning skips finished cells.")
+@click.option("--no-progress", is_flag=True)
+def compare(lr_items, threads, no_progress, **kw):
+    """Compare operators side by side: results.jsonl, summary.md, plots, one TensorBoard run per cell."""
+    from .compare import CompareConfig, compare
+
+    _set_threads(threads)
+    kw["lrs"] = _parse_lrs(lr_items)
+    summary = compare(CompareConfig(**kw, progress=not no_progress))
+    click.echo((Path(kw["out"]) / "summary.md").read_text())
+    click.echo(json.dumps({"target": summary["target"], **{k: round(v["test_mean"], 4) for k, v in summary["operators"].items()}}))
+
+
+def _parse_lrs(items) -> dict[str, float]:
+    lrs = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            lrs[name.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--lr {item!r}: write NAME=VALUE, e.g. --lr sgd=0.1") from None
+    return lrs
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @cli.command()

@@ -14,6 +14,7 @@ P projects beta onto [0, 1] and T onto [0.1, 10]. The gradient of the training l
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,10 @@ from .distill import batch_ce, kd_gradient, kd_logit_gradient
 from .errors import UserError
 from .models import apply, frozen
 from .operators.base import KDChoice, Operator, Params, State, StepContext
+
+# torch's forward-mode AD (the JVP of the greedy hypergradient) loads decompositions through the
+# deprecated torch.jit.script on first use; the warning is torch's own, not actionable by users.
+warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
 
 METHODS = ("greedy", "unrolled", "extrapolate")
 BETA_RANGE, T_RANGE = (0.0, 1.0), (0.1, 10.0)

@@ -8,6 +8,7 @@ evaluate + log + checkpoint every epoch.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -61,6 +62,9 @@ class TrainConfig:
     channels_last: bool = False
     runs_dir: str = "runs"
     run_name: str | None = None
+    eval_every: int | None = None  # steps between evaluations (and checkpoints) [default: one epoch]
+    eval_at_start: bool = False  # also evaluate the initial student (a row at step 0)
+    trajectory_every: int = 0  # > 0: keep the flattened parameters every this many steps in trajectory.pt
     log_every: int = 20  # steps between TensorBoard step scalars
     hist_every: int = 500  # steps between per-layer update norms / update histograms
     progress: bool = True
@@ -236,15 +240,28 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
         )
 
     val_stream = BatchLoader(*splits.split("val"), cfg.batch_size, shuffle=True, drop_last=True, **loader_kw)
-    bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not cfg.progress, dynamic_ncols=True)
+    eval_every = cfg.eval_every or steps_per_epoch
+    trajectory = Trajectory(run_dir, cfg.trajectory_every, keep_upto=step)
+
+    def evaluation(step: int, sums: _Sums) -> dict[str, Any]:
+        row = {"step": step, "epoch": step / steps_per_epoch, **sums.means(), "wall_s": round(wall_s, 3), "peak_mem_mb": peak_memory_mb(dev)}
+        for split, loader in eval_loaders.items():
+            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(model, params, buffers, loader)
+        log.row(row)
+        trajectory.save()
+        save(step)
+        return row
+
+    if cfg.eval_at_start and step == 0:
+        trajectory.add(0, params)
+        evaluation(0, _Sums())
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not cfg.progress, dynamic_ncols=True, leave=False)
     sums = _Sums()
     last_row: dict[str, Any] = {}
-    epoch = step // steps_per_epoch
+    t0 = time.perf_counter()
     while step < total_steps:
-        t0 = time.perf_counter()
-        for batch in train_loader.epoch(epoch, cfg.seed):
-            if step >= total_steps:
-                break
+        epoch, offset = divmod(step, steps_per_epoch)  # a run resumed mid-epoch skips the batches it already took
+        for batch in itertools.islice(train_loader.epoch(epoch, cfg.seed), offset, None):
             kd = operator.kd(state)
             beta, temperature = (kd.beta, kd.temperature) if kd else (cfg.beta, cfg.temperature)
             for p in params.values():
@@ -268,23 +285,59 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
             sums.add(ctx, (logits.argmax(1) == batch.y).float().mean().item(), float(beta), float(temperature), info)
             step += 1
             bar.update(1)
-        epoch += 1
-        wall_s += time.perf_counter() - t0
-        if not all(torch.isfinite(p).all() for p in params.values()):
-            bar.close()
-            raise Diverged(step, "parameters")
-        last_row = {"step": step, "epoch": step / steps_per_epoch, **sums.means(), "wall_s": round(wall_s, 3)}
-        for split, loader in eval_loaders.items():
-            last_row[f"{split}_loss"], last_row[f"{split}_acc"] = evaluate(model, params, buffers, loader)
-        sums = _Sums()
-        log.row(last_row)
-        save(step)
-        bar.set_postfix(val_acc=f"{last_row['val_acc']:.3f}", loss=f"{last_row['train_loss']:.3f}")
+            trajectory.add(step, params)
+            if step % eval_every == 0 or step == total_steps:
+                if not all(torch.isfinite(p).all() for p in params.values()):
+                    bar.close()
+                    raise Diverged(step, "parameters")
+                wall_s += time.perf_counter() - t0
+                last_row = evaluation(step, sums)
+                sums = _Sums()
+                bar.set_postfix(val_acc=f"{last_row['val_acc']:.3f}", loss=f"{last_row['train_loss']:.3f}")
+                t0 = time.perf_counter()
+            if step == total_steps:
+                break
     bar.close()
     log.close()
     if not last_row:  # resumed a finished run: report its last row
         last_row = read_metrics(run_dir)[-1]
     return last_row
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU; on CPU the peak resident set of the
+    whole process (an upper bound for the run, shared by everything the process did before)."""
+    if device.startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+class Trajectory:
+    """The flattened student parameters every ``every`` steps (step 0 included), in ``trajectory.pt``
+    of the run folder: ``{"steps": LongTensor[n], "params": Tensor[n, P]}`` (float32, on CPU).
+    Written atomically with each checkpoint; a resumed run keeps only the points up to its checkpoint."""
+
+    FILE = "trajectory.pt"
+
+    def __init__(self, run_dir: Path, every: int, keep_upto: int):
+        self.path, self.every = run_dir / self.FILE, every
+        self.steps: list[int] = []
+        self.points: list[torch.Tensor] = []
+        if every > 0 and keep_upto > 0 and self.path.exists():
+            saved = torch.load(self.path, weights_only=True)
+            keep = saved["steps"] <= keep_upto
+            self.steps, self.points = saved["steps"][keep].tolist(), list(saved["params"][keep])
+
+    def add(self, step: int, params: dict[str, torch.Tensor]) -> None:
+        if self.every > 0 and step % self.every == 0:
+            self.steps.append(step)
+            self.points.append(torch.cat([p.detach().float().flatten() for p in params.values()]).cpu())
+
+    def save(self) -> None:
+        if self.every > 0 and self.points:
+            ckpt_io.save_atomic({"steps": torch.tensor(self.steps), "params": torch.stack(self.points)}, self.path)
 
 
 class _Sums:

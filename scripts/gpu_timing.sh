@@ -19,4 +19,4 @@ for dev in cuda cpu; do
     --val-horizon 10 --device $dev --runs-dir /tmp/runs --run-name meta-$dev --no-progress > /dev/null
   echo "meta-train $dev: 10 meta-steps of 20 unrolled steps (incl. one short validation): $(echo "$(date +%s.%N) - $start" | bc) s" | tee -a $OUT/timing.txt
 done
-python3 scripts/bench_step.py --device cuda | tee -a $OUT/timing.txt
+python3 scripts/bench_operators.py --device cuda | tee -a $OUT/timing.txt

@@ -10,6 +10,7 @@ from l2o_kd.cli import main
 from l2o_kd.data import load_splits
 from l2o_kd.distill import predict, teacher_logits
 from l2o_kd.errors import UserError
+from l2o_kd.models import build_model
 from l2o_kd.runlog import read_metrics
 from l2o_kd.train import TrainConfig, load_model_checkpoint, train
 
@@ -40,6 +41,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, teacher_ckpt, monkeypatc
         assert resumed[key] == pytest.approx(full[key], abs=1e-6)
     rows = read_metrics(tmp_path / "cut")
     assert [r["step"] for r in rows] == [r["step"] for r in read_metrics(tmp_path / "full")]  # none lost or duplicated
+
+
+def test_mid_epoch_evaluations_resume_exactly_with_trajectory(tmp_path, teacher_ckpt, monkeypatch):
+    kw = dict(model="tiny", teacher=str(teacher_ckpt), operator="sgd", lr=0.05, steps=45, eval_every=10, eval_at_start=True,
+              trajectory_every=5, runs_dir=str(tmp_path), tensorboard=False, **FAST)  # 28 steps per epoch
+    full = train(TrainConfig(run_name="full", **kw))
+    assert [r["step"] for r in read_metrics(tmp_path / "full")] == [0, 10, 20, 30, 40, 45]
+
+    resumed = interrupted_then_resumed(monkeypatch, kw, crash_at_step=35)  # after the step-30 checkpoint, mid-epoch 2
+    assert resumed["test_loss"] == pytest.approx(full["test_loss"], abs=1e-6)
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [0, 10, 20, 30, 40, 45]
+    a, b = (torch.load(tmp_path / run / "trajectory.pt", weights_only=True) for run in ("full", "cut"))
+    assert a["steps"].tolist() == b["steps"].tolist() == list(range(0, 46, 5))
+    assert a["params"].shape[1] == sum(p.numel() for p in build_model("tiny").parameters())
+    torch.testing.assert_close(a["params"], b["params"], atol=1e-6, rtol=0)
 
 
 def test_existing_run_is_not_overwritten(tmp_path):

@@ -1,0 +1,314 @@
+"""``l2o-kd compare``: operators side by side on the same students, data and teacher.
+
+1. Parse the operator specs (``sgd``, ``adam``, ``sgd+greedy``, ``ckpt:PATH`` ...) and check them all
+   before anything runs.
+2. ``--tune-lr N``: each classic base operator (``sgd``, ``adam``, ``adamw``) gets its learning rate
+   from a log grid of N values around its default, scored by **validation** accuracy after
+   ``tune_steps`` steps on seed 0. A KD-tuning variant (``sgd+greedy``) uses the lr tuned for its
+   base, so the comparison isolates what tuning (β, T) adds.
+3. Run every cell (operator × seed) through :func:`l2o_kd.train.train`: the same initialization and
+   data order per seed, the same teacher and number of steps for every operator. A cell's evaluation
+   rows go to ``results.jsonl`` when it finishes; rerunning skips finished cells and resumes an
+   interrupted one from its checkpoint; a crashing cell is reported in ``failures.jsonl`` and the
+   others go on.
+4. ``summary.md`` (numbers recomputed from ``results.jsonl`` by :func:`summarize`) and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .errors import Diverged, UserError
+from .operators import CLASSIC
+from .plots import finished_runs, plot_comparison
+from .runlog import read_metrics
+from .train import TrainConfig, Trajectory, train
+
+DEFAULT_LR = {"sgd": 0.03, "adam": 3e-3, "adamw": 3e-3}  # tuned on validation for `tiny` with KD (docs/RESULTS.md)
+TUNE_KD = ("greedy", "unrolled", "extrapolate")
+RESULTS, FAILURES, SUMMARY, TUNING = "results.jsonl", "failures.jsonl", "summary.md", "tuning.json"
+
+
+@dataclass(frozen=True)
+class OperatorSpec:
+    """One compared operator: ``base`` (a classic name or a learned-operator checkpoint) and an
+    optional hypergradient method moving (β, T)."""
+
+    label: str
+    base: str
+    tune_kd: str | None = None
+
+    @property
+    def learned(self) -> bool:
+        return self.base.endswith(".pt")
+
+    @classmethod
+    def parse(cls, spec: str) -> OperatorSpec:
+        spec = spec.strip()
+        if spec.startswith("ckpt:") or spec.endswith(".pt"):
+            path = spec.removeprefix("ckpt:")
+            from .operators.learned import load_operator
+
+            load_operator(path)  # a missing or wrong checkpoint fails here, before any run
+            return cls(label=Path(path).stem, base=path)
+        base, _, method = spec.partition("+")
+        if base not in CLASSIC:
+            raise UserError(f"unknown operator {spec!r}: use {', '.join(CLASSIC)}, BASE+{'|'.join(TUNE_KD)} or ckpt:PATH")
+        if method and method not in TUNE_KD:
+            raise UserError(f"unknown KD tuning {method!r} in {spec!r}: use one of {', '.join(TUNE_KD)}")
+        return cls(label=spec, base=base, tune_kd=method or None)
+
+
+@dataclass
+class CompareConfig:
+    operators: str = "sgd,adam"
+    seeds: int = 3  # seeds 0 .. seeds-1
+    student: str = "tiny"
+    epochs: float = 20.0
+    steps: int | None = None  # wins over epochs
+    dataset: str = "cifar10"
+    data_root: str | None = None
+    download: bool = False
+    teacher: str | None = None
+    beta: float = 0.5  # the fixed KD of the classic operators (and the start of the KD-tuning ones)
+    temperature: float = 4.0
+    batch_size: int = 128
+    momentum: float = 0.9
+    lrs: dict[str, float] = field(default_factory=dict)  # fixed lrs per base operator (skip tuning it)
+    tune_lr: int = 0  # grid size; 0: no tuning (DEFAULT_LR or --lr)
+    tune_steps: int = 1000  # length of each tuning run (capped by the full run's length)
+    target: float | None = None  # test accuracy for "steps to target" [default: best classic final mean]
+    evals: int = 20  # evaluation points per run (plus the initial one)
+    trajectory_points: int = 50  # flattened-parameter snapshots per run, for the trajectory plot
+    device: str = "cpu"
+    out: str = "results/compare"
+    progress: bool = True
+
+    def specs(self) -> list[OperatorSpec]:
+        specs = [OperatorSpec.parse(s) for s in self.operators.split(",") if s.strip()]
+        if not specs:
+            raise UserError("--operators is empty")
+        labels = [s.label for s in specs]
+        if len(set(labels)) != len(labels):
+            raise UserError(f"--operators names an operator twice: {self.operators}")
+        if self.seeds < 1 or self.tune_lr < 0 or self.evals < 1:
+            raise UserError("--seeds and --evals must be positive, --tune-lr non-negative")
+        for name, lr in self.lrs.items():
+            if name not in CLASSIC or not lr > 0:
+                raise UserError(f"--lr {name}={lr}: give a positive lr for one of {', '.join(CLASSIC)}")
+        return specs
+
+
+def compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run (or finish) the comparison in ``cfg.out`` and return its summary."""
+    specs = cfg.specs()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    from .data import load_splits
+
+    splits = load_splits(cfg.dataset, cfg.data_root, cfg.download)
+    steps = _total_steps(cfg, splits)
+    lrs = tune_learning_rates(cfg, specs, splits, steps)
+
+    done = {(r["operator"], r["seed"]) for r in read_results(out) if r.get("final")}
+    cells = [(spec, seed) for seed in range(cfg.seeds) for spec in specs]
+    grid = tqdm(cells, desc="compare", disable=not cfg.progress, dynamic_ncols=True)
+    for spec, seed in grid:
+        if (spec.label, seed) in done:
+            continue
+        grid.set_postfix_str(f"{spec.label} seed {seed}")
+        run_cfg = _run_config(cfg, spec, seed, steps, lrs, out / "runs")
+        try:
+            train(run_cfg, resume=True, splits=splits)
+        except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the others
+            tqdm.write(f"compare: {spec.label} seed {seed} failed: {exc}")
+            _append(out / FAILURES, [{"operator": spec.label, "seed": seed, "error": f"{type(exc).__name__}: {exc}",
+                                      "traceback": traceback.format_exc(limit=3)}])
+            continue
+        rows = read_metrics(Path(run_cfg.runs_dir) / run_cfg.name)
+        lr = run_cfg.lr if not spec.learned else None
+        _append(out / RESULTS, [{"operator": spec.label, "seed": seed, "base_lr": lr, **row, "final": i == len(rows) - 1} for i, row in enumerate(rows)])
+        _log_hparams(Path(run_cfg.runs_dir) / run_cfg.name, spec, seed, lr, cfg, rows[-1])
+    grid.close()
+
+    summary = summarize(read_results(out), cfg.target, labels=[s.label for s in specs])
+    summary["lrs"], summary["steps"] = lrs, steps
+    (out / SUMMARY).write_text(render_summary(summary, cfg))
+    rows, labels = read_results(out), [s.label for s in specs]
+    plot_comparison(out, rows, labels, *load_trajectories(out / "runs", rows, labels))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate tuning
+
+
+def lr_grid(base: str, n: int) -> list[float]:
+    """``n`` values, log-spaced over two decades centred on the operator's default lr."""
+    if n == 1:
+        return [DEFAULT_LR[base]]
+    return [float(f"{DEFAULT_LR[base] * 10 ** (-1 + 2 * i / (n - 1)):.3g}") for i in range(n)]
+
+
+def tune_learning_rates(cfg: CompareConfig, specs: list[OperatorSpec], splits, steps: int) -> dict[str, float]:
+    """The lr of each classic base operator: fixed (``cfg.lrs``), default, or tuned on validation."""
+    bases = sorted({s.base for s in specs if not s.learned})
+    lrs = {b: cfg.lrs.get(b, DEFAULT_LR[b]) for b in bases}
+    to_tune = [b for b in bases if b not in cfg.lrs] if cfg.tune_lr else []
+    if not to_tune:
+        return lrs
+    path = Path(cfg.out) / TUNING
+    scores = json.loads(path.read_text()) if path.exists() else {}
+    tune_steps = min(cfg.tune_steps, steps)
+    grid = [(b, lr) for b in to_tune for lr in lr_grid(b, cfg.tune_lr)]
+    for base, lr in tqdm(grid, desc="tune lr", disable=not cfg.progress, dynamic_ncols=True):
+        key = f"{base}@{lr:g}"
+        if key not in scores:
+            spec = OperatorSpec(label=base, base=base)
+            run_cfg = _run_config(cfg, spec, 0, tune_steps, {base: lr}, Path(cfg.out) / "tune", evals=1, name=f"{base}-lr{lr:g}")
+            try:
+                scores[key] = train(run_cfg, resume=True, splits=splits)["val_acc"]
+            except Diverged:
+                scores[key] = 0.0  # a diverging lr is simply a bad one
+            path.write_text(json.dumps(scores, indent=2) + "\n")
+    for base in to_tune:
+        grid_scores = {lr: scores[f"{base}@{lr:g}"] for lr in lr_grid(base, cfg.tune_lr)}
+        lrs[base] = max(grid_scores, key=grid_scores.get)
+    tqdm.write(f"compare: learning rates chosen on validation after {tune_steps} steps: {json.dumps(lrs)}")
+    return lrs
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+
+
+def summarize(rows: list[dict], target: float | None = None, labels: list[str] | None = None) -> dict[str, Any]:
+    """Per operator: final test accuracy (mean ± std over seeds), best validation accuracy, steps to
+    reach ``target`` test accuracy (default: the best classic operator's final mean), ms per step and
+    peak memory. Only finished cells count."""
+    runs = finished_runs(rows, labels)
+    labels = list(runs)
+
+    def finals(label: str) -> list[float]:
+        return [seed_rows[-1]["test_acc"] for seed_rows in runs[label].values()]
+
+    classic = [lab for lab in labels if lab in CLASSIC]
+    if target is None and classic:
+        target = max(statistics.mean(finals(lab)) for lab in classic)
+    summary: dict[str, Any] = {"target": target, "operators": {}}
+    for label in labels:
+        per_seed = runs[label]
+        tests = finals(label)
+        best_vals = [max(r["val_acc"] for r in rs) for rs in per_seed.values()]
+        last = [rs[-1] for rs in per_seed.values()]
+        summary["operators"][label] = {
+            "seeds": sorted(per_seed),
+            "base_lr": last[0]["base_lr"],
+            "steps": last[0]["step"],
+            "test_mean": statistics.mean(tests),
+            "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "best_val_mean": statistics.mean(best_vals),
+            "steps_to_target": [_first_step(rs, target) for rs in per_seed.values()] if target is not None else [],
+            "ms_per_step": 1e3 * statistics.mean(r["wall_s"] / r["step"] for r in last),
+            "peak_mem_mb": max(r.get("peak_mem_mb", float("nan")) for r in last),
+        }
+    return summary
+
+
+def _first_step(rows: list[dict], target: float) -> int | None:
+    return next((r["step"] for r in rows if r["test_acc"] >= target), None)
+
+
+def render_summary(summary: dict[str, Any], cfg: CompareConfig) -> str:
+    target = summary["target"]
+    lines = [
+        f"# compare: {cfg.student} on {cfg.dataset}, {summary['steps']} steps, batch {cfg.batch_size}, KD β={cfg.beta:g} T={cfg.temperature:g}",
+        "",
+        f"Seeds 0..{cfg.seeds - 1}; learning rates {json.dumps(summary['lrs'])}"
+        + (f" (tuned on validation over {cfg.tune_lr} values, {min(cfg.tune_steps, summary['steps'])} steps, seed 0)" if cfg.tune_lr else ""),
+        "Peak memory: CUDA peak allocation on a GPU; on CPU the peak RSS of the compare process (shared by all cells run so far).",
+        "",
+        f"| operator | lr | final test acc | best val acc | steps to {_pct(target)} test (per seed) | ms / step | peak MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, s in summary["operators"].items():
+        reach = ", ".join("never" if v is None else str(v) for v in s["steps_to_target"]) or "-"
+        lr = "learned" if s["base_lr"] is None else f"{s['base_lr']:g}"
+        lines.append(f"| {label} | {lr} | {_pct(s['test_mean'])} ± {100 * s['test_std']:.2f} | {_pct(s['best_val_mean'])} | {reach} | "
+                     f"{s['ms_per_step']:.1f} | {s['peak_mem_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _total_steps(cfg: CompareConfig, splits) -> int:
+    if cfg.steps:
+        return cfg.steps
+    steps_per_epoch = len(splits.train_y) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_y)} training images")
+    return max(1, round(cfg.epochs * steps_per_epoch))
+
+
+def _run_config(cfg: CompareConfig, spec: OperatorSpec, seed: int, steps: int, lrs: dict[str, float], runs_dir: Path,
+                evals: int | None = None, name: str | None = None) -> TrainConfig:
+    evals = evals or cfg.evals
+    return TrainConfig(
+        model=cfg.student, dataset=cfg.dataset, data_root=cfg.data_root, teacher=cfg.teacher, beta=cfg.beta, temperature=cfg.temperature,
+        operator=spec.base, lr=lrs.get(spec.base, 1.0), momentum=cfg.momentum, tune_kd=spec.tune_kd, steps=steps, batch_size=cfg.batch_size,
+        seed=seed, device=cfg.device, runs_dir=str(runs_dir), run_name=name or f"{_safe(spec.label)}-s{seed}",
+        eval_every=max(1, steps // evals), eval_at_start=evals > 1, trajectory_every=max(1, steps // cfg.trajectory_points) if evals > 1 else 0,
+        progress=cfg.progress,
+    )
+
+
+def load_trajectories(runs_dir: Path, rows: list[dict], labels: list[str]) -> tuple[dict, int | None]:
+    """The saved parameter trajectories of the lowest seed that every finished operator ran."""
+    runs = finished_runs(rows, labels)
+    seeds = set.intersection(*(set(per_seed) for per_seed in runs.values())) if runs else set()
+    if not seeds:
+        return {}, None
+    seed = min(seeds)
+    paths = {label: runs_dir / f"{_safe(label)}-s{seed}" / Trajectory.FILE for label in runs}
+    return {label: torch.load(p, weights_only=True)["params"] for label, p in paths.items() if p.exists()}, seed
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in label)
+
+
+def read_results(out: str | Path) -> list[dict]:
+    path = Path(out) / RESULTS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    """Append rows in one write, so an interruption leaves either none or all of a cell's rows."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+
+
+def _log_hparams(run_dir: Path, spec: OperatorSpec, seed: int, lr: float | None, cfg: CompareConfig, last: dict) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run_dir)) as tb:
+        hparams = {"operator": spec.label, "seed": seed, "lr": lr if lr is not None else -1.0, "student": cfg.student,
+                   "beta": cfg.beta, "temperature": cfg.temperature, "steps": last["step"]}
+        tb.add_hparams(hparams, {"hparam/test_acc": last["test_acc"], "hparam/val_acc": last["val_acc"]}, run_name="hparams")

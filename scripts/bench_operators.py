@@ -1,0 +1,123 @@
+"""Step cost of each operator, as ratios to Adam measured in the same process. Not a test: a measurement.
+
+For each student and operator: the median wall time of a full training step (KD loss forward,
+backward, operator step, including a hypergradient operator's extra passes) and of the operator
+step alone, over ``--repeats`` steps after 5 warm-up steps, on random data of batch ``--batch-size``;
+the size of the operator's state; on CUDA the peak allocated memory of the step.
+
+    python scripts/bench_operators.py [--operators sgd,adam,sgd+greedy,ckpt:checkpoints/operator-lstm.pt] \
+        [--students tiny,small,resnet8] [--threads 2] [--device cpu] [--append docs/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+
+import torch
+
+from l2o_kd.compare import OperatorSpec
+from l2o_kd.distill import kd_loss
+from l2o_kd.hypergrad import Batches
+from l2o_kd.models import apply, build_model, split_state
+from l2o_kd.operators import StepContext
+from l2o_kd.train import TrainConfig, build_operator
+
+
+def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, device: str) -> dict[str, dict]:
+    model = build_model(student, seed=0).to(device)
+    g = torch.Generator().manual_seed(0)
+    x, xv = (torch.randn(batch, 3, 32, 32, generator=g).to(device) for _ in range(2))
+    y, yv = (torch.randint(10, (batch,), generator=g).to(device) for _ in range(2))
+    teacher = torch.randn(batch, 10, generator=g).to(device)
+    out = {}
+    for spec in specs:
+        op = build_operator(TrainConfig(operator=spec.base, lr=1e-3, tune_kd=spec.tune_kd), 350, 10_000, device)
+        params, buffers = split_state(model)
+        state = op.init(params)
+        full, alone = [], []
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(repeats + 5):
+            _sync(device)
+            t0 = time.perf_counter()
+            ps = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            kd = op.kd(state)
+            beta, temp = (kd.beta, kd.temperature) if kd else (0.5, 4.0)
+            loss = kd_loss(apply(model, ps, buffers, x, True), teacher, y, beta, temp)
+            grads = dict(zip(ps, torch.autograd.grad(loss, list(ps.values()))))
+            ctx = StepContext(i, 10_000, loss.item(), float("nan"), float("nan"))
+            if getattr(op, "needs_batches", False):
+                ctx.batches = Batches(model, buffers, x, y, teacher, lambda: (xv, yv))
+            _sync(device)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                params, state, _ = op.step({k: v.detach() for k, v in ps.items()}, grads, state, ctx)
+            _sync(device)
+            t2 = time.perf_counter()
+            if i >= 5:  # warm-up steps are not counted
+                full.append(t2 - t0)
+                alone.append(t2 - t1)
+        out[spec.label] = {
+            "step_ms": statistics.median(full) * 1e3,
+            "op_ms": statistics.median(alone) * 1e3,
+            "state_mib": _bytes(state) / 2**20,
+            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else float("nan"),
+        }
+    return out
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _bytes(tree) -> int:
+    if isinstance(tree, dict):
+        return sum(_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_bytes(v) for v in tree)
+    return tree.numel() * tree.element_size() if isinstance(tree, torch.Tensor) else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--operators", default="sgd,adam,sgd+greedy,ckpt:checkpoints/operator-lstm.pt")
+    ap.add_argument("--students", default="tiny,small,resnet8")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--append", default=None, help="also append the table to this markdown file (e.g. docs/RESULTS.md)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = [OperatorSpec.parse(s) for s in args.operators.split(",")]
+    if "adam" not in [s.label for s in specs]:
+        specs.insert(0, OperatorSpec.parse("adam"))  # the reference
+    lines = [
+        f"Step cost, {datetime.date.today()}: `python scripts/bench_operators.py --threads {args.threads} --device {args.device}`; "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"batch {args.batch_size}, median of {args.repeats} steps after 5 warm-up steps, random data.",
+        "",
+        "| student | operator | step ms | operator ms | step / Adam step | operator state MiB | peak MiB (CUDA) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for student in args.students.split(","):
+        res = bench(student, specs, args.batch_size, args.repeats, args.device)
+        for label, r in res.items():
+            line = (f"| {student} | {label} | {r['step_ms']:.2f} | {r['op_ms']:.2f} | {r['step_ms'] / res['adam']['step_ms']:.2f}x | "
+                    f"{r['state_mib']:.2f} | {r['peak_mib']:.0f} |")
+            lines.append(line)
+            print(line, flush=True)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write("\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
