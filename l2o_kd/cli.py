@@ -23,6 +23,7 @@ def training_options(f):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu | cuda"),
         click.option("--channels-last", is_flag=True, help="channels_last memory format (faster convolutions on CPU)."),
+        click.option("--eval-every", type=int, default=None, help="Steps between evaluations and checkpoints [default: one epoch]."),
         click.option("--runs-dir", default="runs", show_default=True),
         click.option("--run-name", default=None, help="Run folder name under --runs-dir [default: derived from the config]."),
         click.option("--resume", is_flag=True, help="Continue the run in --runs-dir/--run-name from its last checkpoint."),
@@ -107,9 +108,13 @@ def deploy(optimizer_ckpt, **kw):
     if optimizer_ckpt:
         kw["operator"] = optimizer_ckpt
     cfg, resume = _train_config(kw)
+    from .distributed import from_env
     from .train import train
 
-    _print_row(train(cfg, resume=resume))
+    dist = from_env(cfg.device)  # under torchrun: data parallel over the job's processes
+    row = train(cfg, resume=resume, dist=dist)
+    if dist is None or dist.main:
+        _print_row(row)
 
 
 @cli.command("meta-train")
@@ -141,10 +146,16 @@ def deploy(optimizer_ckpt, **kw):
 @click.option("--no-progress", is_flag=True)
 def meta_train_cmd(threads, resume, no_progress, **kw):
     """Meta-train the learned LSTM operator across short distillation episodes."""
+    from .distributed import from_env
     from .meta import MetaConfig, meta_train
 
     _set_threads(threads)
-    click.echo(json.dumps(meta_train(MetaConfig(**kw, progress=not no_progress), resume=resume)))
+    dist = from_env(kw["device"])  # under torchrun: episodes on every rank, meta-gradients averaged
+    if dist:
+        kw["device"] = dist.device
+    result = meta_train(MetaConfig(**kw, progress=not no_progress), resume=resume, dist=dist)
+    if dist is None or dist.main:
+        click.echo(json.dumps(result))
 
 
 @cli.command()

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint
 from .data import Splits, load_splits
 from .distill import batch_ce, kd_gradient, teacher_logits
+from .distributed import Dist
 from .errors import UserError
 from .models import build_model, split_state
 from .operators import Adam, Operator, StepContext
@@ -128,8 +129,11 @@ def unroll(operator: LSTMOperator, ep: Episode, k: int) -> torch.Tensor:
 # The meta-training loop
 
 
-def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = None) -> dict:
+def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = None, dist: Dist | None = None) -> dict:
+    """Meta-train the operator; under torchrun (``dist``) every rank runs its own episodes, their
+    meta-gradients are averaged before each meta-step, and rank 0 validates and writes."""
     cfg.validate()
+    main = dist is None or dist.main
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     state_path, best_path = run_dir / "meta_checkpoint.pt", Path(cfg.out) if cfg.out else run_dir / "operator-best.pt"
     if state_path.exists() and not resume:
@@ -149,25 +153,31 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         net.load_state_dict(ck["weights"])
         meta_opt.load_state_dict(ck["meta_optimizer"])
         meta_step, episode_idx, skipped, best, wall = (ck["progress"][k] for k in ("meta_step", "episode", "skipped", "best_val_acc", "wall_s"))
-    log = RunLog(run_dir, {**asdict(cfg), "operator": operator.config()}, resume_step=meta_step)
+    log = RunLog(run_dir, {**asdict(cfg), "operator": operator.config()}, resume_step=meta_step, write=main)
     students = cfg.students.split(",")
 
     def new_episode() -> Episode:
         frac = meta_step / cfg.meta_steps
         length = cfg.lengths[min(int(frac * len(cfg.lengths)), len(cfg.lengths) - 1)]
-        rng = random.Random(cfg.seed * 7919 + episode_idx)
-        return Episode(splits, logits, operator, rng.choice(students), seed=cfg.seed * 100_000 + episode_idx, length=length, cfg=cfg)
+        key = episode_idx * (dist.world if dist else 1) + (dist.rank if dist else 0)  # distinct episodes on every rank
+        rng = random.Random(cfg.seed * 7919 + key)
+        return Episode(splits, logits, operator, rng.choice(students), seed=cfg.seed * 100_000 + key, length=length, cfg=cfg)
 
     def save_progress() -> None:
-        operator.save(state_path, meta_optimizer=meta_opt.state_dict(),
-                      progress={"meta_step": meta_step, "episode": episode_idx, "skipped": skipped, "best_val_acc": best, "wall_s": wall})
+        if main:
+            operator.save(state_path, meta_optimizer=meta_opt.state_dict(),
+                          progress={"meta_step": meta_step, "episode": episode_idx, "skipped": skipped, "best_val_acc": best, "wall_s": wall})
 
     adam_cache: dict = {}
 
     def validate() -> None:
-        """Meta-validation; the best operator so far (the initial one included) is kept."""
+        """Meta-validation (rank 0); the best operator so far (the initial one included) is kept."""
         nonlocal best, wall
         wall = time.perf_counter() - t_start
+        if dist:
+            dist.check_identical(list(net.parameters()), "operator weights")
+        if not main:
+            return
         res = meta_validate(operator, cfg, splits, run_dir / "metaval" / f"step{meta_step}", adam_cache)
         log.scalars(meta_step, res, "metaval/")
         if res["lstm_val_acc"] > best:
@@ -177,18 +187,19 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         save_progress()
 
     ep = new_episode()
-    bar = tqdm(total=cfg.meta_steps, initial=meta_step, desc="meta-train", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.meta_steps, initial=meta_step, desc="meta-train", disable=not (cfg.progress and main), dynamic_ncols=True)
     t_start = time.perf_counter() - wall
     if meta_step == 0:
         validate()
-    while meta_step < cfg.meta_steps and (cfg.minutes is None or (time.perf_counter() - t_start) < 60 * cfg.minutes):
+    while meta_step < cfg.meta_steps and not _out_of_time(cfg, t_start, dist):
         meta_loss = unroll(operator, ep, cfg.unroll)
         meta_opt.zero_grad()
         finite = bool(torch.isfinite(meta_loss))
         if finite:
             meta_loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)
-            finite = bool(torch.isfinite(grad_norm))
+            finite = all(bool(torch.isfinite(p.grad).all()) for p in net.parameters() if p.grad is not None)
+        if dist:
+            finite = not dist.any(not finite)  # one rank's non-finite step is skipped by all
         if not finite:  # skip the step, restart the episode
             skipped += 1
             meta_opt.zero_grad()
@@ -196,6 +207,11 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
             episode_idx += 1
             ep = new_episode()
             continue
+        if dist:
+            with_grad = [p for p in net.parameters() if p.grad is not None]
+            for p, g in zip(with_grad, dist.average([p.grad for p in with_grad])):
+                p.grad = g
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)
         meta_opt.step()
         ep.detach()
         log.scalars(meta_step, {"loss": meta_loss.item(), "grad_norm": grad_norm.item(), "episode_length": ep.length,
@@ -214,6 +230,11 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     bar.close()
     log.close()
     return {"meta_steps": meta_step, "best_val_acc": best, "skipped": skipped, "wall_s": wall, "best": str(best_path)}
+
+
+def _out_of_time(cfg: MetaConfig, t_start: float, dist: Dist | None) -> bool:
+    late = cfg.minutes is not None and time.perf_counter() - t_start >= 60 * cfg.minutes
+    return dist.any(late) if dist else late  # all ranks stop together
 
 
 def meta_validate(operator: Operator, cfg: MetaConfig, splits: Splits, out_dir: Path, adam_cache: dict | None = None) -> dict:

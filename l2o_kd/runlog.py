@@ -1,6 +1,7 @@
 """A run folder: ``config.json``, ``metrics.jsonl`` (one JSON object per evaluation) and TensorBoard
 events. Rows are appended and flushed one by one; on resume the rows past the checkpoint are
-dropped, so a run killed and resumed has each evaluation exactly once."""
+dropped, so a run killed and resumed has each evaluation exactly once. With ``write=False`` (the
+ranks other than 0 of a torchrun job) every method does nothing."""
 
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class RunLog:
-    def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None, tensorboard: bool = True):
-        self.dir = Path(run_dir)
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None, tensorboard: bool = True, write: bool = True):
+        self.dir, self.write, self.tb = Path(run_dir), write, None
+        if not write:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         self._truncate(resume_step or 0)
-        self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -53,6 +55,8 @@ class RunLog:
 
     def row(self, row: dict[str, Any]) -> None:
         """Append one evaluation row to metrics.jsonl and mirror its numbers in TensorBoard."""
+        if not self.write:
+            return
         with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.scalars(row["step"], {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, "eval/")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt_io
 from .data import BatchLoader, Splits, load_splits
 from .distill import kd_terms, teacher_logits
+from .distributed import Dist, cross_rank_batchnorm
 from .errors import Diverged, UserError
 from .hypergrad import Batches
 from .models import MODELS, apply, build_model, split_state
@@ -121,14 +123,18 @@ def load_model_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.
 
 
 @torch.no_grad()
-def evaluate(model, params, buffers, loader: BatchLoader) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a whole split (eval-mode BatchNorm)."""
-    loss_sum, correct, n = 0.0, 0, 0
+def evaluate(model, params, buffers, loader: BatchLoader, dist: Dist | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a whole split (eval-mode BatchNorm); under torchrun each
+    rank's loader holds its share of the split and the sums are added across ranks."""
+    sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # loss sum, correct, count
     for b in loader.epoch():
         logits = apply(model, params, buffers, b.x, train=False)
-        loss_sum += torch.nn.functional.cross_entropy(logits, b.y, reduction="sum").item()
-        correct += (logits.argmax(1) == b.y).sum().item()
-        n += len(b.y)
+        sums[0] += torch.nn.functional.cross_entropy(logits, b.y, reduction="sum").double()
+        sums[1] += (logits.argmax(1) == b.y).sum()
+        sums[2] += len(b.y)
+    if dist is not None:
+        sums = dist.average([sums])[0].double() * dist.world
+    loss_sum, correct, n = sums.tolist()
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
@@ -193,11 +199,14 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, dict | None]
 # The loop
 
 
-def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, operator: Operator | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, operator: Operator | None = None,
+          dist: Dist | None = None) -> dict[str, Any]:
     """Train ``cfg.model`` with ``cfg.operator`` (or the given ``operator`` object, e.g. one being
-    meta-trained) and return the last metrics row."""
+    meta-trained) and return the last metrics row. With ``dist`` (under torchrun) every rank trains on
+    its shard of each batch, gradients are averaged, and only rank 0 writes."""
     cfg.validate(check_operator=operator is None)
-    dev = cfg.device
+    dev = dist.device if dist else cfg.device
+    main = dist is None or dist.main
     run_dir, ck = _prepare_run_dir(cfg, resume)
     torch.manual_seed(cfg.seed)
     torch.backends.cudnn.benchmark = dev.startswith("cuda")
@@ -210,15 +219,19 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
     train_loader = BatchLoader(splits.train_x, splits.train_y, cfg.batch_size, shuffle=True, augment=cfg.augment, drop_last=True, **loader_kw)
     if len(train_loader) == 0:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_y)} training images")
-    eval_loaders = {s: BatchLoader(*splits.split(s), 1000, shuffle=False, **loader_kw) for s in ("val", "test")}
+    eval_loaders = {s: BatchLoader(*_share(splits.split(s), dist), 1000, shuffle=False, **loader_kw) for s in ("val", "test")}
     steps_per_epoch = len(train_loader)
     total_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
 
     model = build_model(cfg.model, seed=cfg.seed).to(dev)
+    if dist:
+        cross_rank_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params, buffers = split_state(model)
     operator = operator or build_operator(cfg, steps_per_epoch, total_steps, dev)
+    if dist and getattr(operator, "needs_batches", False):
+        raise UserError("--tune-kd is not supported under torchrun yet: run hypergradient tuning in one process")
     teacher_path = resolve_teacher(cfg, operator)
     teacher = Teacher(teacher_path, splits, cfg.augment, dev) if teacher_path else None
     state = operator.init(params)
@@ -231,22 +244,23 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
 
     config = {**asdict(cfg), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "operator_config": operator.config(),
               "teacher_path": str(teacher_path) if teacher_path else None}
-    log = RunLog(run_dir, config, resume_step=step, tensorboard=cfg.tensorboard)
+    log = RunLog(run_dir, config, resume_step=step, tensorboard=cfg.tensorboard, write=main)
 
     def save(step: int) -> None:
-        ckpt_io.save_checkpoint(
-            run_dir / "checkpoint.pt", "model", config, model=cfg.model, params=params, buffers=buffers,
-            train_state={"operator": state, "step": step, "wall_s": wall_s},
-        )
+        if main:
+            ckpt_io.save_checkpoint(
+                run_dir / "checkpoint.pt", "model", config, model=cfg.model, params=params, buffers=buffers,
+                train_state={"operator": state, "step": step, "wall_s": wall_s},
+            )
 
     val_stream = BatchLoader(*splits.split("val"), cfg.batch_size, shuffle=True, drop_last=True, **loader_kw)
     eval_every = cfg.eval_every or steps_per_epoch
-    trajectory = Trajectory(run_dir, cfg.trajectory_every, keep_upto=step)
+    trajectory = Trajectory(run_dir, cfg.trajectory_every if main else 0, keep_upto=step)
 
     def evaluation(step: int, sums: _Sums) -> dict[str, Any]:
         row = {"step": step, "epoch": step / steps_per_epoch, **sums.means(), "wall_s": round(wall_s, 3), "peak_mem_mb": peak_memory_mb(dev)}
         for split, loader in eval_loaders.items():
-            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(model, params, buffers, loader)
+            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(model, params, buffers, loader, dist)
         log.row(row)
         trajectory.save()
         save(step)
@@ -255,13 +269,15 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
     if cfg.eval_at_start and step == 0:
         trajectory.add(0, params)
         evaluation(0, _Sums())
-    bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not cfg.progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not (cfg.progress and main), dynamic_ncols=True, leave=False)
     sums = _Sums()
     last_row: dict[str, Any] = {}
     t0 = time.perf_counter()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)  # a run resumed mid-epoch skips the batches it already took
         for batch in itertools.islice(train_loader.epoch(epoch, cfg.seed), offset, None):
+            if dist:
+                batch = dist.shard(batch)
             kd = operator.kd(state)
             beta, temperature = (kd.beta, kd.temperature) if kd else (cfg.beta, cfg.temperature)
             for p in params.values():
@@ -269,20 +285,25 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
             logits = apply(model, params, buffers, batch.x, train=True)
             t_logits = teacher.logits(batch) if teacher else None
             terms = kd_terms(logits, t_logits, batch.y, beta, temperature)
-            if not torch.isfinite(terms.total):
+            grads = dict(zip(params, torch.autograd.grad(terms.total, list(params.values()))))
+            stats = torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == batch.y).float().mean()]).detach()
+            if dist:  # the gradient and loss of the global batch: means over equal shards
+                *averaged, stats = dist.average([*grads.values(), stats])
+                grads = dict(zip(grads, averaged))
+            loss, ce, kd_value, acc = stats.tolist()
+            if not math.isfinite(loss):
                 bar.close()
                 raise Diverged(step, "training loss")
-            grads = dict(zip(params, torch.autograd.grad(terms.total, list(params.values()))))
-            ctx = StepContext(step, total_steps, terms.total.item(), terms.ce.item(), terms.kd.item())
+            ctx = StepContext(step, total_steps, loss, ce, kd_value)
             if getattr(operator, "needs_batches", False):
                 val = functools.partial(_xy, val_stream, step, cfg.seed + 7)  # the val batch of this step
                 ctx.batches = Batches(model, buffers, batch.x, batch.y, t_logits, val)
             with torch.no_grad():
                 new_params, state, info = operator.step({k: p.detach() for k, p in params.items()}, grads, state, ctx)
             if step % cfg.log_every == 0 or step % cfg.hist_every == 0:
-                _log_step(log, step, cfg, params, new_params, grads, terms, beta, temperature, info)
+                _log_step(log, step, cfg, params, new_params, grads, ctx, beta, temperature, info)
             params = {k: p.detach() for k, p in new_params.items()}
-            sums.add(ctx, (logits.argmax(1) == batch.y).float().mean().item(), float(beta), float(temperature), info)
+            sums.add(ctx, acc, float(beta), float(temperature), info)
             step += 1
             bar.update(1)
             trajectory.add(step, params)
@@ -357,14 +378,21 @@ class _Sums:
         return {k: v / self.n for k, v in self.vals.items()} if self.n else {}
 
 
-def _log_step(log, step, cfg, params, new_params, grads, terms, beta, temperature, info) -> None:
+def _log_step(log, step, cfg, params, new_params, grads, ctx, beta, temperature, info) -> None:
+    if not log.write:
+        return
     update = {k: new_params[k] - params[k].detach() for k in params}
-    log.scalars(step, {"loss": terms.total.item(), "ce": terms.ce.item(), "kd": terms.kd.item(), "beta": float(beta),
+    log.scalars(step, {"loss": ctx.loss, "ce": ctx.ce_loss, "kd": ctx.kd_loss, "beta": float(beta),
                        "temperature": float(temperature), "update_norm": global_norm(update).item(),
                        "grad_norm": global_norm(grads).item(), **{k: float(v) for k, v in info.items()}}, "train/")
     if step % cfg.hist_every == 0:
         log.scalars(step, {k: v.norm().item() for k, v in update.items()}, "update_norm/")
         log.histogram(step, "update", torch.cat([u.flatten() for u in update.values()]))
+
+
+def _share(xy: tuple[torch.Tensor, torch.Tensor], dist: Dist | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of an evaluation split (every ``world``-th image)."""
+    return xy if dist is None else (xy[0][dist.rank :: dist.world], xy[1][dist.rank :: dist.world])
 
 
 def _xy(loader: BatchLoader, index: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
