@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, save_atomic
 from .data import Splits, load_splits
 from .distill import batch_ce, kd_gradient, teacher_logits
 from .distributed import Dist
@@ -102,6 +102,20 @@ class Episode:
         xb = (x[idx].to(self.cfg.device).float() - self.mean) / self.std
         return xb, y[idx].to(self.cfg.device), idx
 
+    def snapshot(self) -> dict:
+        """Everything needed to continue this episode exactly (for resumable meta-training)."""
+        return {"student": self.student, "seed": self.seed, "length": self.length, "step": self.step, "params": self.params,
+                "buffers": self.buffers, "state": self.state, "generator": self.gen.get_state()}
+
+    @classmethod
+    def restore(cls, snap: dict, splits: Splits, logits: torch.Tensor, operator: LSTMOperator, cfg: MetaConfig) -> Episode:
+        ep = cls(splits, logits, operator, snap["student"], snap["seed"], snap["length"], cfg)
+        dev = cfg.device
+        ep.step = snap["step"]
+        ep.params, ep.buffers, ep.state = ({k: v.to(dev) for k, v in snap[key].items()} for key in ("params", "buffers", "state"))
+        ep.gen.set_state(snap["generator"])
+        return ep
+
     def detach(self) -> None:
         """The truncation boundary: nothing computed so far stays in the graph."""
         self.params = {k: v.detach() for k, v in self.params.items()}
@@ -163,7 +177,11 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         rng = random.Random(cfg.seed * 7919 + key)
         return Episode(splits, logits, operator, rng.choice(students), seed=cfg.seed * 100_000 + key, length=length, cfg=cfg)
 
+    episode_path = run_dir / f"episode-rank{dist.rank if dist else 0}.pt"
+
     def save_progress() -> None:
+        """The operator and meta-optimizer (rank 0) and this rank's episode in progress (every rank)."""
+        save_atomic({"meta_step": meta_step, "episode": ep.snapshot()}, episode_path)
         if main:
             operator.save(state_path, meta_optimizer=meta_opt.state_dict(),
                           progress={"meta_step": meta_step, "episode": episode_idx, "skipped": skipped, "best_val_acc": best, "wall_s": wall})
@@ -176,17 +194,17 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         wall = time.perf_counter() - t_start
         if dist:
             dist.check_identical(list(net.parameters()), "operator weights")
-        if not main:
-            return
-        res = meta_validate(operator, cfg, splits, run_dir / "metaval" / f"step{meta_step}", adam_cache)
-        log.scalars(meta_step, res, "metaval/")
-        if res["lstm_val_acc"] > best:
-            best = res["lstm_val_acc"]
-            operator.save(best_path, meta={"meta_step": meta_step, "val_acc": best, "config": asdict(cfg)})
-        log.row({"step": meta_step, **res, "best_val_acc": best, "skipped": skipped, "wall_s": round(wall, 1)})
+        if main:
+            res = meta_validate(operator, cfg, splits, run_dir / "metaval" / f"step{meta_step}", adam_cache)
+            log.scalars(meta_step, res, "metaval/")
+            if res["lstm_val_acc"] > best:
+                best = res["lstm_val_acc"]
+                operator.save(best_path, meta={"meta_step": meta_step, "val_acc": best, "config": asdict(cfg)})
+            log.row({"step": meta_step, **res, "best_val_acc": best, "skipped": skipped, "wall_s": round(wall, 1)})
         save_progress()
 
-    ep = new_episode()
+    ep = _resumed_episode(episode_path, meta_step, splits, logits, operator, cfg) if meta_step else None
+    ep = ep or new_episode()
     bar = tqdm(total=cfg.meta_steps, initial=meta_step, desc="meta-train", disable=not (cfg.progress and main), dynamic_ncols=True)
     t_start = time.perf_counter() - wall
     if meta_step == 0:
@@ -230,6 +248,16 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     bar.close()
     log.close()
     return {"meta_steps": meta_step, "best_val_acc": best, "skipped": skipped, "wall_s": wall, "best": str(best_path)}
+
+
+def _resumed_episode(path: Path, meta_step: int, splits, logits, operator, cfg: MetaConfig) -> Episode | None:
+    """The episode that was in progress at the checkpoint, or None (then a fresh one starts)."""
+    if not path.exists():
+        return None
+    saved = torch.load(path, weights_only=True, map_location="cpu")
+    if saved["meta_step"] != meta_step:  # killed between the two writes: the episode is from another step
+        return None
+    return Episode.restore(saved["episode"], splits, logits, operator, cfg)
 
 
 def _out_of_time(cfg: MetaConfig, t_start: float, dist: Dist | None) -> bool:
