@@ -23,6 +23,7 @@ def training_options(f):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu | cuda"),
         click.option("--channels-last", is_flag=True, help="channels_last memory format (faster convolutions on CPU)."),
+        click.option("--amp", is_flag=True, help="bf16 autocast for the student's forward/backward (GPUs with bf16; works on CPU)."),
         click.option("--eval-every", type=int, default=None, help="Steps between evaluations and checkpoints [default: one epoch]."),
         click.option("--runs-dir", default="runs", show_default=True),
         click.option("--run-name", default=None, help="Run folder name under --runs-dir [default: derived from the config]."),
@@ -240,6 +241,9 @@ def main(argv=None) -> None:
         sys.exit(2)
     except Diverged as exc:
         click.echo(f"error: training diverged: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # disk full, read-only folder, ...: the last checkpoint written is intact
+        click.echo(f"error: {exc}", err=True)
         sys.exit(1)
 
 

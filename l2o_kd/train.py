@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     channels_last: bool = False
+    amp: bool = False  # bf16 autocast for the student's forward/backward (the loss and the operator stay float32)
     runs_dir: str = "runs"
     run_name: str | None = None
     eval_every: int | None = None  # steps between evaluations (and checkpoints) [default: one epoch]
@@ -282,7 +283,8 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
             beta, temperature = (kd.beta, kd.temperature) if kd else (cfg.beta, cfg.temperature)
             for p in params.values():
                 p.requires_grad_(True)
-            logits = apply(model, params, buffers, batch.x, train=True)
+            with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=cfg.amp):
+                logits = apply(model, params, buffers, batch.x, train=True).float()
             t_logits = teacher.logits(batch) if teacher else None
             terms = kd_terms(logits, t_logits, batch.y, beta, temperature)
             grads = dict(zip(params, torch.autograd.grad(terms.total, list(params.values()))))

@@ -1,0 +1,63 @@
+"""Real process kills (SIGKILL, no cleanup) and other faults, through the command line."""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from l2o_kd.runlog import read_metrics
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: float results are reproducible bit for bit
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "l2o_kd", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _kill_when(args, cwd, ready, timeout=120):
+    """Start ``l2o-kd args``, SIGKILL it as soon as ``ready()`` holds; return its exit code."""
+    proc = subprocess.Popen([sys.executable, "-m", "l2o_kd", *args], cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()
+
+
+def test_deploy_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, teacher_ckpt):
+    args = ["deploy", "--dataset", "synthetic", "--teacher", str(teacher_ckpt), "--operator", "adam", "--lr", "3e-3", "--steps", "300",
+            "--eval-every", "10", "--batch-size", "64", "--runs-dir", str(tmp_path), "--no-progress"]
+    assert _cli([*args, "--run-name", "full"], tmp_path).returncode == 0
+    code = _kill_when([*args, "--run-name", "cut"], tmp_path, lambda: len(read_metrics(tmp_path / "cut")) >= 3)
+    assert code == -signal.SIGKILL
+    killed_at = read_metrics(tmp_path / "cut")[-1]["step"]
+    assert 30 <= killed_at < 300
+    res = _cli([*args, "--run-name", "cut", "--resume"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [r["step"] for r in full]  # no row lost or duplicated
+    assert cut[-1]["test_loss"] == pytest.approx(full[-1]["test_loss"], abs=1e-6)
+    assert cut[-1]["val_acc"] == full[-1]["val_acc"]
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_checkpoint(tmp_path, teacher_ckpt):
+    args = ["deploy", "--dataset", "synthetic", "--teacher", str(teacher_ckpt), "--steps", "20", "--eval-every", "10", "--batch-size", "64",
+            "--runs-dir", str(tmp_path), "--run-name", "r", "--no-progress"]
+    assert _cli(args, tmp_path).returncode == 0
+    before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    assert len(before) > 64 * 1024
+
+    def small_disk():  # files may not grow past 64 KiB: writing the checkpoint fails as on a full disk (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    res = subprocess.run([sys.executable, "-m", "l2o_kd", *args[:5], "--steps", "40", *args[7:], "--resume"], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    assert res.returncode == 1 and res.stderr.startswith("error:") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before  # the last good checkpoint survives
+    assert not [p.name for p in (tmp_path / "r").iterdir() if ".tmp" in p.name]  # and no partial file is left
+    res = _cli([*args[:5], "--steps", "40", *args[7:], "--resume"], tmp_path)  # with space again, the run goes on
+    assert res.returncode == 0 and read_metrics(tmp_path / "r")[-1]["step"] == 40
