@@ -59,6 +59,9 @@ def _train_config(kw: dict, **fixed):
     from .train import TrainConfig
 
     kw = dict(kw)
+    learned = kw.pop("optimizer_ckpt", None)
+    if learned:  # a learned operator replaces --operator
+        kw["operator"] = learned
     resume = kw.pop("resume")
     kw["progress"] = not kw.pop("no_progress")
     if kw.get("epochs") is None:
@@ -89,25 +92,32 @@ def train_teacher(**kw):
     _print_row(train(cfg, resume=resume))
 
 
+def student_options(f):
+    """What a distillation run is: student, operator, teacher, KD and its hypergradient tuning."""
+    options = [
+        click.option("--student", "model", default="tiny", show_default=True, help="tiny | tiny_wide | small | resnet8"),
+        click.option("--operator", default="sgd", show_default=True, help="sgd | adam | adamw"),
+        click.option("--optimizer", "optimizer_ckpt", default=None, help="A learned-operator checkpoint (replaces --operator)."),
+        click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt]."),
+        click.option("--beta", type=float, default=0.5, show_default=True, help="Weight of the KD term, in [0, 1]; 0 = no KD."),
+        click.option("--temperature", type=float, default=4.0, show_default=True),
+        click.option("--tune-kd", default=None, help="greedy | unrolled | extrapolate: move (beta, T) by validation hypergradients."),
+        click.option("--hyper-lr", type=float, default=0.25, show_default=True),
+        click.option("--hyper-clip", type=float, default=0.01, show_default=True, help="Hypergradient norm clip."),
+        click.option("--hyper-every", type=int, default=1, show_default=True, help="Steps between hyper-steps."),
+        click.option("--hyper-unroll", type=int, default=3, show_default=True, help="unrolled: steps differentiated through."),
+        click.option("--extrapolate-after", type=float, default=0.5, show_default=True, help="extrapolate: fraction of the run in the greedy phase."),
+    ]
+    f = optimizer_options(lr=0.1, schedule="constant")(training_options(f))
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @cli.command()
-@click.option("--student", "model", default="tiny", show_default=True, help="tiny | tiny_wide | small | resnet8")
-@click.option("--operator", default="sgd", show_default=True, help="sgd | adam | adamw")
-@click.option("--optimizer", "optimizer_ckpt", default=None, help="A learned-operator checkpoint (replaces --operator).")
-@click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt].")
-@click.option("--beta", type=float, default=0.5, show_default=True, help="Weight of the KD term, in [0, 1]; 0 = no KD.")
-@click.option("--temperature", type=float, default=4.0, show_default=True)
-@click.option("--tune-kd", default=None, help="greedy | unrolled | extrapolate: move (beta, T) by validation hypergradients.")
-@click.option("--hyper-lr", type=float, default=0.25, show_default=True)
-@click.option("--hyper-clip", type=float, default=0.01, show_default=True, help="Hypergradient norm clip.")
-@click.option("--hyper-every", type=int, default=1, show_default=True, help="Steps between hyper-steps.")
-@click.option("--hyper-unroll", type=int, default=3, show_default=True, help="unrolled: steps differentiated through.")
-@click.option("--extrapolate-after", type=float, default=0.5, show_default=True, help="extrapolate: fraction of the run in the greedy phase.")
-@optimizer_options(lr=0.1, schedule="constant")
-@training_options
-def deploy(optimizer_ckpt, **kw):
+@student_options
+def deploy(**kw):
     """Train a student by distillation with a classic or learned operator."""
-    if optimizer_ckpt:
-        kw["operator"] = optimizer_ckpt
     cfg, resume = _train_config(kw)
     from .distributed import from_env
     from .train import train
@@ -116,6 +126,21 @@ def deploy(optimizer_ckpt, **kw):
     row = train(cfg, resume=resume, dist=dist)
     if dist is None or dist.main:
         _print_row(row)
+
+
+@cli.command()
+@click.option("--method", default="tpe", show_default=True, help="tpe (Optuna) | random: how (beta, T) are drawn.")
+@click.option("--trials", type=int, default=5, show_default=True, help="Full training runs, scored on validation accuracy.")
+@click.option("--retrain-seeds", default="0,1,2", show_default=True, help="Seeds the best (beta, T) is retrained with.")
+@click.option("--out", default="results/search", show_default=True, help="Output folder; rerunning resumes the search.")
+@student_options
+def search(method, trials, retrain_seeds, out, **kw):
+    """Search fixed KD hyperparameters (beta, T) by TPE or at random; retrain the best."""
+    from .search import SearchConfig, search
+
+    cfg, _ = _train_config(kw)
+    summary = search(SearchConfig(method=method, trials=trials, retrain_seeds=retrain_seeds, out=out), cfg)
+    click.echo(json.dumps(summary))
 
 
 @cli.command("meta-train")

@@ -267,7 +267,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
         save(step)
         return row
 
-    if cfg.eval_at_start and step == 0:
+    if cfg.eval_at_start and ck is None:  # (a run resumed from its step-0 checkpoint has that row already)
         trajectory.add(0, params)
         evaluation(0, _Sums())
     bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not (cfg.progress and main), dynamic_ncols=True, leave=False)

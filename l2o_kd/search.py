@@ -1,0 +1,133 @@
+"""``l2o-kd search``: black-box search of the KD hyperparameters (β, T), the baseline the paper
+compares hypergradients against.
+
+Each of ``trials`` trials is a full training run (seed ``cfg.seed``, so trials differ only in β and T)
+scored by its final **validation** accuracy; β is drawn from U(0, 1) and log10 T from U(-1, 1), by
+plain random sampling or by Optuna's TPE. The best (β, T) is then retrained on ``retrain_seeds`` and
+those runs' test accuracies are the result. Trials and retrains are run folders resumed on rerun;
+``trials.jsonl`` lists the finished trials and TPE is re-told them, so an interrupted search goes on
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .errors import UserError
+from .train import TrainConfig, train
+
+METHODS = ("random", "tpe")
+BETA, LOG10_T = (0.0, 1.0), (-1.0, 1.0)
+
+
+@dataclass
+class SearchConfig:
+    method: str = "tpe"
+    trials: int = 5
+    retrain_seeds: str = "0,1,2"
+    out: str = "results/search"
+
+    def validate(self) -> list[int]:
+        if self.method not in METHODS:
+            raise UserError(f"unknown search method {self.method!r}: use {' or '.join(METHODS)}")
+        if self.trials < 1:
+            raise UserError("--trials must be positive")
+        try:
+            return [int(s) for s in self.retrain_seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--retrain-seeds must be comma-separated integers, got {self.retrain_seeds!r}") from None
+
+
+def search(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
+    """Run (or finish) the search in ``cfg.out``; ``base`` is the training run every trial varies."""
+    seeds = cfg.validate()
+    base.validate()
+    if base.tune_kd:
+        raise UserError("search picks fixed (beta, T): drop --tune-kd")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"search": asdict(cfg), "train": asdict(base)}, indent=2) + "\n")
+    from .data import load_splits
+
+    splits = load_splits(base.dataset, base.data_root, base.download)
+    done = _read(out / "trials.jsonl")
+    sampler = _sampler(cfg.method, base.seed, done)
+    for i in tqdm(range(cfg.trials), desc=f"{cfg.method} search", disable=not base.progress, dynamic_ncols=True):
+        if i < len(done):
+            continue
+        beta, temperature = sampler.ask()
+        run = replace(base, beta=beta, temperature=temperature, runs_dir=str(out / "trials"), run_name=f"trial-{i}", progress=False)
+        row = train(run, resume=True, splits=splits)
+        trial = {"trial": i, "beta": beta, "temperature": temperature, "val_acc": row["val_acc"], "test_acc": row["test_acc"]}
+        sampler.tell(trial)
+        done.append(trial)
+        with open(out / "trials.jsonl", "a") as f:
+            f.write(json.dumps(trial) + "\n")
+
+    best = max(done[: cfg.trials], key=lambda t: t["val_acc"])
+    finals = []
+    for seed in seeds:
+        run = replace(base, beta=best["beta"], temperature=best["temperature"], seed=seed, runs_dir=str(out / "best"), run_name=f"best-s{seed}")
+        finals.append(train(run, resume=True, splits=splits))
+    tests = [r["test_acc"] for r in finals]
+    summary = {"method": cfg.method, "trials": cfg.trials, "best": best, "retrain_seeds": seeds, "test_accs": tests,
+               "test_mean": statistics.mean(tests), "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+class _RandomSampler:
+    """β ~ U(0, 1), log10 T ~ U(-1, 1); trial i's draw depends only on (seed, i)."""
+
+    def __init__(self, seed: int, n_done: int):
+        self.seed, self.i = seed, n_done
+
+    def ask(self) -> tuple[float, float]:
+        rng = random.Random(self.seed * 1_000_003 + self.i)
+        self.i += 1
+        return rng.uniform(*BETA), 10 ** rng.uniform(*LOG10_T)
+
+    def tell(self, trial: dict) -> None:
+        pass
+
+
+class _TPESampler:
+    """Optuna's TPE over the same space, maximizing validation accuracy; finished trials are re-told."""
+
+    def __init__(self, seed: int, done: list[dict]):
+        try:
+            import optuna
+        except ImportError:
+            raise UserError("--method tpe needs Optuna: pip install optuna (or pip install 'l2o-kd[search]')") from None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.optuna = optuna
+        self.dist = {"beta": optuna.distributions.FloatDistribution(*BETA),
+                     "log10_t": optuna.distributions.FloatDistribution(*LOG10_T)}
+        self.study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
+        for t in done:
+            params = {"beta": t["beta"], "log10_t": math.log10(t["temperature"])}
+            self.study.add_trial(optuna.trial.create_trial(params=params, distributions=self.dist, value=t["val_acc"]))
+        self.pending = None
+
+    def ask(self) -> tuple[float, float]:
+        self.pending = self.study.ask(self.dist)
+        return self.pending.params["beta"], 10 ** self.pending.params["log10_t"]
+
+    def tell(self, trial: dict) -> None:
+        self.study.tell(self.pending, trial["val_acc"])
+
+
+def _sampler(method: str, seed: int, done: list[dict]):
+    return _RandomSampler(seed, len(done)) if method == "random" else _TPESampler(seed, done)
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,56 @@
+import json
+import statistics
+
+import pytest
+from conftest import FAST
+
+import l2o_kd.search as search_mod
+from l2o_kd.errors import UserError
+from l2o_kd.runlog import read_metrics
+from l2o_kd.search import SearchConfig, search
+from l2o_kd.train import TrainConfig
+
+
+def _base(teacher_ckpt, **kw):
+    return TrainConfig(model="tiny", teacher=str(teacher_ckpt), operator="sgd", lr=0.05, tensorboard=False, **{**FAST, "steps": 15, **kw})
+
+
+@pytest.mark.parametrize("method", ["random", "tpe"])
+def test_search_scores_trials_on_validation_and_retrains_the_best(tmp_path, teacher_ckpt, method):
+    if method == "tpe":
+        pytest.importorskip("optuna")
+    out = tmp_path / method
+    summary = search(SearchConfig(method=method, trials=4, retrain_seeds="0,1", out=str(out)), _base(teacher_ckpt))
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert [t["trial"] for t in trials] == [0, 1, 2, 3]
+    for t in trials:
+        assert 0 <= t["beta"] <= 1 and 0.1 <= t["temperature"] <= 10
+        assert t["val_acc"] == read_metrics(out / "trials" / f"trial-{t['trial']}")[-1]["val_acc"]
+    assert summary["best"] == max(trials, key=lambda t: t["val_acc"])  # chosen on validation, never on test
+    tests = [read_metrics(out / "best" / f"best-s{s}")[-1]["test_acc"] for s in (0, 1)]
+    assert summary["test_accs"] == tests and summary["test_mean"] == pytest.approx(statistics.mean(tests))
+    cfg = json.loads((out / "trials" / "trial-0" / "config.json").read_text())
+    assert cfg["beta"] == trials[0]["beta"] and cfg["seed"] == 0
+
+
+@pytest.mark.parametrize("method", ["random", "tpe"])
+def test_interrupted_search_goes_on_where_it_stopped(tmp_path, teacher_ckpt, monkeypatch, method):
+    if method == "tpe":
+        pytest.importorskip("optuna")
+    search(SearchConfig(method=method, trials=2, retrain_seeds="0", out=str(tmp_path / "s")), _base(teacher_ckpt, steps=5))
+    started = []
+    real = search_mod.train
+    monkeypatch.setattr(search_mod, "train", lambda c, **kw: started.append(c.run_name) or real(c, **kw))
+    search(SearchConfig(method=method, trials=3, retrain_seeds="0", out=str(tmp_path / "s")), _base(teacher_ckpt, steps=5))
+    assert started == ["trial-2", "best-s0"]  # finished trials are not rerun (the finished retrain is read back)
+    if method == "random":  # the draws do not depend on the interruption
+        full = search(SearchConfig(method=method, trials=3, retrain_seeds="0", out=str(tmp_path / "f")), _base(teacher_ckpt, steps=5))
+        resumed = json.loads((tmp_path / "s" / "summary.json").read_text())
+        assert full["best"]["beta"] == resumed["best"]["beta"]
+
+
+def test_bad_search_flags():
+    with pytest.raises(UserError, match="unknown search method"):
+        SearchConfig(method="grid").validate()
+    with pytest.raises(UserError, match="--retrain-seeds"):
+        SearchConfig(retrain_seeds="a,b").validate()
