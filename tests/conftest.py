@@ -36,21 +36,28 @@ def teacher_ckpt(tmp_path_factory):
     return runs / "t" / "checkpoint.pt"
 
 
-def interrupted_then_resumed(monkeypatch, cfg_kw: dict, crash_at_step: int) -> dict:
-    """Run ``train`` under run name "cut", "kill" it (KeyboardInterrupt) when it reaches the
-    ``crash_at_step``-th training loss, then ``--resume`` it; returns the resumed run's last row."""
-    import l2o_kd.train as train_mod
-    from l2o_kd.train import TrainConfig, train
+def kill_at_call(monkeypatch, module, name: str, n: int) -> None:
+    """Make ``module.name`` raise KeyboardInterrupt (standing for a kill) on its ``n``-th call;
+    ``monkeypatch.undo()`` or re-setting the attribute restores it."""
+    real, calls = getattr(module, name), {"n": 0}
 
-    real, calls = train_mod.kd_terms, {"n": 0}
-
-    def crash(*a, **k):
+    def killed(*a, **k):
         calls["n"] += 1
-        if calls["n"] == crash_at_step:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "kd_terms", crash)
+    monkeypatch.setattr(module, name, killed)
+
+
+def interrupted_then_resumed(monkeypatch, cfg_kw: dict, crash_at_step: int) -> dict:
+    """Run ``train`` under run name "cut", "kill" it when it reaches the ``crash_at_step``-th
+    training loss, then ``--resume`` it; returns the resumed run's last row."""
+    import l2o_kd.train as train_mod
+    from l2o_kd.train import TrainConfig, train
+
+    real = train_mod.kd_terms
+    kill_at_call(monkeypatch, train_mod, "kd_terms", crash_at_step)
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(run_name="cut", **cfg_kw))
     monkeypatch.setattr(train_mod, "kd_terms", real)

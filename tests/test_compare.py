@@ -2,6 +2,7 @@ import json
 import statistics
 
 import pytest
+from conftest import kill_at_call
 
 import l2o_kd.compare as compare_mod
 import l2o_kd.train as train_mod
@@ -55,15 +56,8 @@ def test_interrupted_compare_resumes_without_redoing_finished_cells(tmp_path, te
     full = read_results(_run_full(tmp_path, teacher_ckpt))
 
     cfg = _cfg(tmp_path, teacher_ckpt, out=str(tmp_path / "cut"))
-    real, calls = train_mod.kd_terms, {"n": 0}
-
-    def crash(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2 * 30 + 25:  # in the third cell (sgd, seed 1), after its step-20 checkpoint
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "kd_terms", crash)
+    real = train_mod.kd_terms
+    kill_at_call(monkeypatch, train_mod, "kd_terms", 2 * 30 + 25)  # in the third cell (sgd, seed 1), after its step-20 checkpoint
     with pytest.raises(KeyboardInterrupt):
         compare(cfg)
     assert {(r["operator"], r["seed"]) for r in read_results(tmp_path / "cut")} == {("sgd", 0), ("adam", 0)}

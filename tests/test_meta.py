@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import kill_at_call
 
 from l2o_kd import meta
 from l2o_kd.checkpoint import load_checkpoint
@@ -80,15 +81,8 @@ def test_interrupted_meta_training_resumes_to_the_same_operator(tmp_path, teache
     kw = dict(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny,tiny_wide", unroll=3, curriculum="12", meta_steps=7,
               validate_every=2, val_horizon=5, val_seeds="1000", batch_size=32, runs_dir=str(tmp_path), progress=False)
     meta_train(MetaConfig(run_name="full", **kw))
-    real, calls = meta.unroll, {"n": 0}
-
-    def killed(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # mid-episode, after the step-2 checkpoint
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(meta, "unroll", killed)
+    real = meta.unroll
+    kill_at_call(monkeypatch, meta, "unroll", 4)  # mid-episode, after the step-2 checkpoint
     with pytest.raises(KeyboardInterrupt):
         meta_train(MetaConfig(run_name="cut", **kw))
     monkeypatch.setattr(meta, "unroll", real)
