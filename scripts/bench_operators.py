@@ -3,7 +3,8 @@
 For each student and operator: the median wall time of a full training step (KD loss forward,
 backward, operator step, including a hypergradient operator's extra passes) and of the operator
 step alone, over ``--repeats`` steps after 5 warm-up steps, on random data of batch ``--batch-size``;
-the size of the operator's state; on CUDA the peak allocated memory of the step.
+the size of the operator's state; and peak memory: on CUDA the peak allocated memory, on CPU the peak
+resident set of a fresh process that runs only that student and operator for 10 steps.
 
     python scripts/bench_operators.py [--operators sgd,adam,sgd+greedy,ckpt:checkpoints/operator-lstm.pt] \
         [--students tiny,small,resnet8] [--threads 2] [--device cpu] [--append docs/RESULTS.md]
@@ -27,7 +28,7 @@ from l2o_kd.operators import StepContext
 from l2o_kd.train import TrainConfig, build_operator
 
 
-def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, device: str) -> dict[str, dict]:
+def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, device: str, memory: bool = True) -> dict[str, dict]:
     model = build_model(student, seed=0).to(device)
     g = torch.Generator().manual_seed(0)
     x, xv = (torch.randn(batch, 3, 32, 32, generator=g).to(device) for _ in range(2))
@@ -65,9 +66,24 @@ def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, dev
             "step_ms": statistics.median(full) * 1e3,
             "op_ms": statistics.median(alone) * 1e3,
             "state_mib": _bytes(state) / 2**20,
-            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else float("nan"),
+            "peak_mib": _peak_mib(device, student, spec, batch) if memory else float("nan"),
         }
     return out
+
+
+def _peak_mib(device: str, student: str, spec: OperatorSpec, batch: int) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else _peak_rss_alone(student, spec, batch)
+
+
+def _peak_rss_alone(student: str, spec: OperatorSpec, batch: int) -> float:
+    """Peak RSS (MiB) of a fresh process running 10 steps of ``student`` with ``spec`` on CPU."""
+    import subprocess
+    import sys
+
+    arg = spec.base if spec.learned else spec.label
+    res = subprocess.run([sys.executable, __file__, "--peak-rss-of", f"{student}:{arg}", "--batch-size", str(batch), "--threads", "1"],
+                         capture_output=True, text=True, check=True)
+    return float(res.stdout.strip().splitlines()[-1])
 
 
 def _sync(device: str) -> None:
@@ -92,18 +108,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--append", default=None, help="also append the table to this markdown file (e.g. docs/RESULTS.md)")
+    ap.add_argument("--peak-rss-of", default=None, help=argparse.SUPPRESS)  # STUDENT:OPERATOR, internal: one cell in a fresh process
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peak_rss_of:
+        import resource
+
+        student, spec = args.peak_rss_of.split(":", 1)
+        bench(student, [OperatorSpec.parse(spec)], args.batch_size, repeats=5, device="cpu", memory=False)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
     specs = [OperatorSpec.parse(s) for s in args.operators.split(",")]
     if "adam" not in [s.label for s in specs]:
         specs.insert(0, OperatorSpec.parse("adam"))  # the reference
     lines = [
         f"Step cost, {datetime.date.today()}: `python scripts/bench_operators.py --threads {args.threads} --device {args.device}`; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"batch {args.batch_size}, median of {args.repeats} steps after 5 warm-up steps, random data.",
+        f"batch {args.batch_size}, median of {args.repeats} steps after 5 warm-up steps, random data; peak MiB: "
+        + ("CUDA peak allocation." if args.device.startswith("cuda") else "peak RSS of a fresh process running only that cell (torch's own ~300 MiB included)."),
         "",
-        "| student | operator | step ms | operator ms | step / Adam step | operator state MiB | peak MiB (CUDA) |",
+        "| student | operator | step ms | operator ms | step / Adam step | operator state MiB | peak MiB |",
         "|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
