@@ -132,12 +132,13 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             train(run_cfg, resume=True, splits=splits)
         except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the others
             tqdm.write(f"compare: {spec.label} seed {seed} failed: {exc}")
-            _append(out / FAILURES, [{"operator": spec.label, "seed": seed, "error": f"{type(exc).__name__}: {exc}",
-                                      "traceback": traceback.format_exc(limit=3)}])
+            error = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
+            _append(out / FAILURES, [{"operator": spec.label, "seed": seed, **error}])
             continue
         rows = read_metrics(Path(run_cfg.runs_dir) / run_cfg.name)
-        lr = run_cfg.lr if not spec.learned else None
-        _append(out / RESULTS, [{"operator": spec.label, "seed": seed, "base_lr": lr, **row, "final": i == len(rows) - 1} for i, row in enumerate(rows)])
+        lr = None if spec.learned else run_cfg.lr
+        cell = {"operator": spec.label, "seed": seed, "base_lr": lr}
+        _append(out / RESULTS, [{**cell, **row, "final": i == len(rows) - 1} for i, row in enumerate(rows)])
         _log_hparams(Path(run_cfg.runs_dir) / run_cfg.name, spec, seed, lr, cfg, rows[-1])
     grid.close()
 
@@ -232,10 +233,15 @@ def _first_step(rows: list[dict], target: float) -> int | None:
 def render_summary(summary: dict[str, Any], cfg: CompareConfig) -> str:
     target = summary["target"]
     lines = [
-        f"# compare: {cfg.student} on {cfg.dataset}, {summary['steps']} steps, batch {cfg.batch_size}, KD β={cfg.beta:g} T={cfg.temperature:g}",
+        f"# compare: {cfg.student} on {cfg.dataset}, {summary['steps']} steps, batch {cfg.batch_size}, "
+        f"KD β={cfg.beta:g} T={cfg.temperature:g}",
         "",
         f"Seeds 0..{cfg.seeds - 1}; learning rates {json.dumps(summary['lrs'])}"
-        + (f" (tuned on validation over {cfg.tune_lr} values, {min(cfg.tune_steps, summary['steps'])} steps, seed 0)" if cfg.tune_lr else ""),
+        + (
+            f" (tuned on validation over {cfg.tune_lr} values, {min(cfg.tune_steps, summary['steps'])} steps, seed 0)"
+            if cfg.tune_lr
+            else ""
+        ),
         "Peak memory: CUDA peak allocation on a GPU; on CPU the peak RSS of the compare process (shared by all cells run so far).",
         "",
         f"| operator | lr | final test acc | best val acc | steps to {_pct(target)} test (per seed) | ms / step | peak MiB |",
@@ -244,8 +250,10 @@ def render_summary(summary: dict[str, Any], cfg: CompareConfig) -> str:
     for label, s in summary["operators"].items():
         reach = ", ".join("never" if v is None else str(v) for v in s["steps_to_target"]) or "-"
         lr = "learned" if s["base_lr"] is None else f"{s['base_lr']:g}"
-        lines.append(f"| {label} | {lr} | {_pct(s['test_mean'])} ± {100 * s['test_std']:.2f} | {_pct(s['best_val_mean'])} | {reach} | "
-                     f"{s['ms_per_step']:.1f} | {s['peak_mem_mb']:.0f} |")
+        lines.append(
+            f"| {label} | {lr} | {_pct(s['test_mean'])} ± {100 * s['test_std']:.2f} | {_pct(s['best_val_mean'])} | {reach} | "
+            f"{s['ms_per_step']:.1f} | {s['peak_mem_mb']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -266,14 +274,37 @@ def _total_steps(cfg: CompareConfig, splits) -> int:
     return max(1, round(cfg.epochs * steps_per_epoch))
 
 
-def _run_config(cfg: CompareConfig, spec: OperatorSpec, seed: int, steps: int, lrs: dict[str, float], runs_dir: Path,
-                evals: int | None = None, name: str | None = None) -> TrainConfig:
+def _run_config(
+    cfg: CompareConfig,
+    spec: OperatorSpec,
+    seed: int,
+    steps: int,
+    lrs: dict[str, float],
+    runs_dir: Path,
+    evals: int | None = None,
+    name: str | None = None,
+) -> TrainConfig:
     evals = evals or cfg.evals
     return TrainConfig(
-        model=cfg.student, dataset=cfg.dataset, data_root=cfg.data_root, teacher=cfg.teacher, beta=cfg.beta, temperature=cfg.temperature,
-        operator=spec.base, lr=lrs.get(spec.base, 1.0), momentum=cfg.momentum, tune_kd=spec.tune_kd, steps=steps, batch_size=cfg.batch_size,
-        seed=seed, device=cfg.device, runs_dir=str(runs_dir), run_name=name or f"{_safe(spec.label)}-s{seed}",
-        eval_every=max(1, steps // evals), eval_at_start=evals > 1, trajectory_every=max(1, steps // cfg.trajectory_points) if evals > 1 else 0,
+        model=cfg.student,
+        dataset=cfg.dataset,
+        data_root=cfg.data_root,
+        teacher=cfg.teacher,
+        beta=cfg.beta,
+        temperature=cfg.temperature,
+        operator=spec.base,
+        lr=lrs.get(spec.base, 1.0),
+        momentum=cfg.momentum,
+        tune_kd=spec.tune_kd,
+        steps=steps,
+        batch_size=cfg.batch_size,
+        seed=seed,
+        device=cfg.device,
+        runs_dir=str(runs_dir),
+        run_name=name or f"{_safe(spec.label)}-s{seed}",
+        eval_every=max(1, steps // evals),
+        eval_at_start=evals > 1,
+        trajectory_every=max(1, steps // cfg.trajectory_points) if evals > 1 else 0,
         progress=cfg.progress,
     )
 
@@ -309,6 +340,13 @@ def _log_hparams(run_dir: Path, spec: OperatorSpec, seed: int, lr: float | None,
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(run_dir)) as tb:
-        hparams = {"operator": spec.label, "seed": seed, "lr": lr if lr is not None else -1.0, "student": cfg.student,
-                   "beta": cfg.beta, "temperature": cfg.temperature, "steps": last["step"]}
+        hparams = {
+            "operator": spec.label,
+            "seed": seed,
+            "lr": lr if lr is not None else -1.0,
+            "student": cfg.student,
+            "beta": cfg.beta,
+            "temperature": cfg.temperature,
+            "steps": last["step"],
+        }
         tb.add_hparams(hparams, {"hparam/test_acc": last["test_acc"], "hparam/val_acc": last["val_acc"]}, run_name="hparams")

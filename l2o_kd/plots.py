@@ -23,7 +23,10 @@ def plot_comparison(out: Path, rows: list[dict], labels: list[str], trajectories
     if not curves:
         return []
     written = []
-    for key, ylabel, fname in (("test_acc", "test accuracy", "accuracy.png"), ("train_loss", "training loss (KD objective)", "train_loss.png")):
+    for key, ylabel, fname in (
+        ("test_acc", "test accuracy", "accuracy.png"),
+        ("train_loss", "training loss (KD objective)", "train_loss.png"),
+    ):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for label, per_seed in curves.items():
             _band(ax, per_seed, key, label)

@@ -75,11 +75,20 @@ def search(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
     best = max(done[: cfg.trials], key=lambda t: t["val_acc"])
     finals = []
     for seed in seeds:
-        run = replace(base, beta=best["beta"], temperature=best["temperature"], seed=seed, runs_dir=str(out / "best"), run_name=f"best-s{seed}")
+        run = replace(
+            base, beta=best["beta"], temperature=best["temperature"], seed=seed, runs_dir=str(out / "best"), run_name=f"best-s{seed}"
+        )
         finals.append(train(run, resume=True, splits=splits))
     tests = [r["test_acc"] for r in finals]
-    summary = {"method": cfg.method, "trials": cfg.trials, "best": best, "retrain_seeds": seeds, "test_accs": tests,
-               "test_mean": statistics.mean(tests), "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0}
+    summary = {
+        "method": cfg.method,
+        "trials": cfg.trials,
+        "best": best,
+        "retrain_seeds": seeds,
+        "test_accs": tests,
+        "test_mean": statistics.mean(tests),
+        "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -109,8 +118,7 @@ class _TPESampler:
             raise UserError("--method tpe needs Optuna: pip install optuna (or pip install 'l2o-kd[search]')") from None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna = optuna
-        self.dist = {"beta": optuna.distributions.FloatDistribution(*BETA),
-                     "log10_t": optuna.distributions.FloatDistribution(*LOG10_T)}
+        self.dist = {"beta": optuna.distributions.FloatDistribution(*BETA), "log10_t": optuna.distributions.FloatDistribution(*LOG10_T)}
         self.study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
         for t in done:
             params = {"beta": t["beta"], "log10_t": math.log10(t["temperature"])}

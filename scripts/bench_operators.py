@@ -81,8 +81,12 @@ def _peak_rss_alone(student: str, spec: OperatorSpec, batch: int) -> float:
     import sys
 
     arg = spec.base if spec.learned else spec.label
-    res = subprocess.run([sys.executable, __file__, "--peak-rss-of", f"{student}:{arg}", "--batch-size", str(batch), "--threads", "1"],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, __file__, "--peak-rss-of", f"{student}:{arg}", "--batch-size", str(batch), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(res.stdout.strip().splitlines()[-1])
 
 
@@ -126,7 +130,11 @@ def main() -> None:
         f"Step cost, {datetime.date.today()}: `python scripts/bench_operators.py --threads {args.threads} --device {args.device}`; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"batch {args.batch_size}, median of {args.repeats} steps after 5 warm-up steps, random data; peak MiB: "
-        + ("CUDA peak allocation." if args.device.startswith("cuda") else "peak RSS of a fresh process running only that cell (torch's own ~300 MiB included)."),
+        + (
+            "CUDA peak allocation."
+            if args.device.startswith("cuda")
+            else "peak RSS of a fresh process running only that cell (torch's own ~300 MiB included)."
+        ),
         "",
         "| student | operator | step ms | operator ms | step / Adam step | operator state MiB | peak MiB |",
         "|---|---|---|---|---|---|---|",
@@ -135,8 +143,10 @@ def main() -> None:
     for student in args.students.split(","):
         res = bench(student, specs, args.batch_size, args.repeats, args.device)
         for label, r in res.items():
-            line = (f"| {student} | {label} | {r['step_ms']:.2f} | {r['op_ms']:.2f} | {r['step_ms'] / res['adam']['step_ms']:.2f}x | "
-                    f"{r['state_mib']:.2f} | {r['peak_mib']:.0f} |")
+            line = (
+                f"| {student} | {label} | {r['step_ms']:.2f} | {r['op_ms']:.2f} | {r['step_ms'] / res['adam']['step_ms']:.2f}x | "
+                f"{r['state_mib']:.2f} | {r['peak_mib']:.0f} |"
+            )
             lines.append(line)
             print(line, flush=True)
     if args.append:

@@ -11,8 +11,20 @@ from l2o_kd.errors import UserError
 
 
 def _cfg(tmp_path, teacher_ckpt, **kw):
-    base = dict(operators="sgd,adam", seeds=2, student="tiny", steps=30, dataset="synthetic", teacher=str(teacher_ckpt), batch_size=64,
-                evals=3, trajectory_points=5, lrs={"sgd": 0.05, "adam": 3e-3}, out=str(tmp_path / "cmp"), progress=False)
+    base = dict(
+        operators="sgd,adam",
+        seeds=2,
+        student="tiny",
+        steps=30,
+        dataset="synthetic",
+        teacher=str(teacher_ckpt),
+        batch_size=64,
+        evals=3,
+        trajectory_points=5,
+        lrs={"sgd": 0.05, "adam": 3e-3},
+        out=str(tmp_path / "cmp"),
+        progress=False,
+    )
     return CompareConfig(**{**base, **kw})
 
 
@@ -110,7 +122,9 @@ def test_tuning_picks_the_best_validation_lr(tmp_path, teacher_ckpt):
 
 
 def test_summary_ignores_unfinished_cells():
-    rows = [{"operator": "sgd", "seed": 0, "step": 10, "test_acc": 0.5, "val_acc": 0.5, "wall_s": 1.0, "base_lr": 0.1, "final": True},
-            {"operator": "adam", "seed": 0, "step": 10, "test_acc": 0.9, "val_acc": 0.9, "wall_s": 1.0, "base_lr": 0.1, "final": False}]
+    rows = [
+        {"operator": "sgd", "seed": 0, "step": 10, "test_acc": 0.5, "val_acc": 0.5, "wall_s": 1.0, "base_lr": 0.1, "final": True},
+        {"operator": "adam", "seed": 0, "step": 10, "test_acc": 0.9, "val_acc": 0.9, "wall_s": 1.0, "base_lr": 0.1, "final": False},
+    ]
     s = summarize(rows)
     assert list(s["operators"]) == ["sgd"] and s["target"] == 0.5

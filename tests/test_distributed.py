@@ -22,8 +22,24 @@ def _torchrun(args, cwd):
 
 
 def test_torchrun_deploy_equals_one_process_on_the_same_global_batch(tmp_path, teacher_ckpt):
-    args = ["deploy", "--dataset", "synthetic", "--teacher", str(teacher_ckpt), "--steps", "6", "--eval-every", "3", "--batch-size", "64",
-            "--lr", "0.05", "--runs-dir", str(tmp_path), "--no-progress"]
+    args = [
+        "deploy",
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        str(teacher_ckpt),
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--runs-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
     _torchrun([*args, "--run-name", "two"], tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "l2o_kd", *args, "--run-name", "one"], cwd=tmp_path, env=env, check=True, capture_output=True)
@@ -42,9 +58,33 @@ def test_torchrun_deploy_equals_one_process_on_the_same_global_batch(tmp_path, t
 
 def test_torchrun_meta_train_keeps_the_operator_identical_on_all_ranks(tmp_path, teacher_ckpt):
     # meta_train compares the operator's weights across ranks at every validation and fails if they differ
-    res = _torchrun(["meta-train", "--dataset", "synthetic", "--teacher", str(teacher_ckpt), "--meta-steps", "4", "--unroll", "3",
-                     "--curriculum", "6", "--validate-every", "2", "--val-horizon", "5", "--val-seeds", "1000", "--batch-size", "32",
-                     "--runs-dir", str(tmp_path), "--no-progress"], tmp_path)
+    res = _torchrun(
+        [
+            "meta-train",
+            "--dataset",
+            "synthetic",
+            "--teacher",
+            str(teacher_ckpt),
+            "--meta-steps",
+            "4",
+            "--unroll",
+            "3",
+            "--curriculum",
+            "6",
+            "--validate-every",
+            "2",
+            "--val-horizon",
+            "5",
+            "--val-seeds",
+            "1000",
+            "--batch-size",
+            "32",
+            "--runs-dir",
+            str(tmp_path),
+            "--no-progress",
+        ],
+        tmp_path,
+    )
     assert res.stdout.count("meta_steps") == 1  # one report, from rank 0
     ck = load_checkpoint(tmp_path / "meta" / "meta_checkpoint.pt", kind="operator")
     assert ck["progress"]["meta_step"] == 4 and ck["progress"]["skipped"] == 0

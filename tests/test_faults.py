@@ -29,8 +29,26 @@ def _kill_when(args, cwd, ready, timeout=120):
 
 
 def test_deploy_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, teacher_ckpt):
-    args = ["deploy", "--dataset", "synthetic", "--teacher", str(teacher_ckpt), "--operator", "adam", "--lr", "3e-3", "--steps", "300",
-            "--eval-every", "10", "--batch-size", "64", "--runs-dir", str(tmp_path), "--no-progress"]
+    args = [
+        "deploy",
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        str(teacher_ckpt),
+        "--operator",
+        "adam",
+        "--lr",
+        "3e-3",
+        "--steps",
+        "300",
+        "--eval-every",
+        "10",
+        "--batch-size",
+        "64",
+        "--runs-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert _cli([*args, "--run-name", "full"], tmp_path).returncode == 0
     code = _kill_when([*args, "--run-name", "cut"], tmp_path, lambda: len(read_metrics(tmp_path / "cut")) >= 3)
     assert code == -signal.SIGKILL
@@ -45,8 +63,24 @@ def test_deploy_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path
 
 
 def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_checkpoint(tmp_path, teacher_ckpt):
-    args = ["deploy", "--dataset", "synthetic", "--teacher", str(teacher_ckpt), "--steps", "20", "--eval-every", "10", "--batch-size", "64",
-            "--runs-dir", str(tmp_path), "--run-name", "r", "--no-progress"]
+    args = [
+        "deploy",
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        str(teacher_ckpt),
+        "--steps",
+        "20",
+        "--eval-every",
+        "10",
+        "--batch-size",
+        "64",
+        "--runs-dir",
+        str(tmp_path),
+        "--run-name",
+        "r",
+        "--no-progress",
+    ]
     assert _cli(args, tmp_path).returncode == 0
     before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
     assert len(before) > 64 * 1024
@@ -54,8 +88,15 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_checkpoint(tmp_
     def small_disk():  # files may not grow past 64 KiB: writing the checkpoint fails as on a full disk (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    res = subprocess.run([sys.executable, "-m", "l2o_kd", *args[:5], "--steps", "40", *args[7:], "--resume"], cwd=tmp_path, env=ENV,
-                         capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    res = subprocess.run(
+        [sys.executable, "-m", "l2o_kd", *args[:5], "--steps", "40", *args[7:], "--resume"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_disk,
+    )
     assert res.returncode == 1 and res.stderr.startswith("error:") and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before  # the last good checkpoint survives
     assert not [p.name for p in (tmp_path / "r").iterdir() if ".tmp" in p.name]  # and no partial file is left
