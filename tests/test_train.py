@@ -145,6 +145,22 @@ def test_bad_checkpoints_are_refused(tmp_path, capsys, teacher_ckpt):
     assert code == 2 and "'operator' checkpoint" in err
 
 
+def test_damaged_tensor_bytes_are_refused_by_the_digest(tmp_path, capsys):
+    path = tmp_path / "c.pt"
+    pattern = torch.arange(64, dtype=torch.float32) + 0.123
+    save_checkpoint(path, "model", {"v": 1}, model="tiny", params={"w": pattern}, buffers={})
+    assert torch.equal(load_checkpoint(path)["params"]["w"], pattern)
+    data = bytearray(path.read_bytes())
+    at = data.find(pattern.numpy().tobytes())
+    assert at > 0
+    data[at + 5] ^= 0xFF  # one damaged byte inside the tensor: torch.load alone would not notice
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupted: its content does not match"):
+        load_checkpoint(path)
+    code, err = _cli(capsys, "evaluate", str(path))
+    assert code == 2 and "corrupted" in err
+
+
 def test_evaluate_json(tmp_path, capsys, teacher_ckpt):
     main(["evaluate", str(teacher_ckpt), "--split", "val", "--json"])
     res = json.loads(capsys.readouterr().out)
