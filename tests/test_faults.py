@@ -28,27 +28,14 @@ def _kill_when(args, cwd, ready, timeout=120):
     return proc.wait()
 
 
+def _deploy(teacher_ckpt, runs, flags: str) -> list[str]:
+    """``l2o-kd deploy`` on synthetic data with ``flags`` (a space-separated string)."""
+    return ["deploy", "--dataset", "synthetic", "--teacher", str(teacher_ckpt), "--batch-size", "64", "--runs-dir", str(runs),
+            "--no-progress", *flags.split()]  # fmt: skip
+
+
 def test_deploy_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, teacher_ckpt):
-    args = [
-        "deploy",
-        "--dataset",
-        "synthetic",
-        "--teacher",
-        str(teacher_ckpt),
-        "--operator",
-        "adam",
-        "--lr",
-        "3e-3",
-        "--steps",
-        "300",
-        "--eval-every",
-        "10",
-        "--batch-size",
-        "64",
-        "--runs-dir",
-        str(tmp_path),
-        "--no-progress",
-    ]
+    args = _deploy(teacher_ckpt, tmp_path, "--operator adam --lr 3e-3 --steps 300 --eval-every 10")
     assert _cli([*args, "--run-name", "full"], tmp_path).returncode == 0
     code = _kill_when([*args, "--run-name", "cut"], tmp_path, lambda: len(read_metrics(tmp_path / "cut")) >= 3)
     assert code == -signal.SIGKILL
@@ -63,42 +50,18 @@ def test_deploy_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path
 
 
 def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_checkpoint(tmp_path, teacher_ckpt):
-    args = [
-        "deploy",
-        "--dataset",
-        "synthetic",
-        "--teacher",
-        str(teacher_ckpt),
-        "--steps",
-        "20",
-        "--eval-every",
-        "10",
-        "--batch-size",
-        "64",
-        "--runs-dir",
-        str(tmp_path),
-        "--run-name",
-        "r",
-        "--no-progress",
-    ]
-    assert _cli(args, tmp_path).returncode == 0
+    assert _cli(_deploy(teacher_ckpt, tmp_path, "--steps 20 --eval-every 10 --run-name r"), tmp_path).returncode == 0
     before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
     assert len(before) > 64 * 1024
+    longer = _deploy(teacher_ckpt, tmp_path, "--steps 40 --eval-every 10 --run-name r --resume")
 
     def small_disk():  # files may not grow past 64 KiB: writing the checkpoint fails as on a full disk (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    res = subprocess.run(
-        [sys.executable, "-m", "l2o_kd", *args[:5], "--steps", "40", *args[7:], "--resume"],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=small_disk,
-    )
+    cmd = [sys.executable, "-m", "l2o_kd", *longer]
+    res = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
     assert res.returncode == 1 and res.stderr.startswith("error:") and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before  # the last good checkpoint survives
     assert not [p.name for p in (tmp_path / "r").iterdir() if ".tmp" in p.name]  # and no partial file is left
-    res = _cli([*args[:5], "--steps", "40", *args[7:], "--resume"], tmp_path)  # with space again, the run goes on
+    res = _cli(longer, tmp_path)  # with space again, the run goes on
     assert res.returncode == 0 and read_metrics(tmp_path / "r")[-1]["step"] == 40
