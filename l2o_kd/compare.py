@@ -31,7 +31,7 @@ from .errors import Diverged, UserError
 from .operators import CLASSIC
 from .plots import finished_runs, plot_comparison
 from .runlog import read_metrics
-from .train import TrainConfig, Trajectory, train
+from .train import TrainConfig, Trajectory, run_length, train
 
 DEFAULT_LR = {"sgd": 0.03, "adam": 3e-3, "adamw": 3e-3}  # tuned on validation for `tiny` with KD (docs/RESULTS.md)
 TUNE_KD = ("greedy", "unrolled", "extrapolate")
@@ -117,7 +117,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     from .data import load_splits
 
     splits = load_splits(cfg.dataset, cfg.data_root, cfg.download)
-    steps = _total_steps(cfg, splits)
+    _, steps = run_length(cfg.steps, cfg.epochs, len(splits.train_y), cfg.batch_size)
     lrs = tune_learning_rates(cfg, specs, splits, steps)
 
     done = {(r["operator"], r["seed"]) for r in read_results(out) if r.get("final")}
@@ -142,10 +142,10 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         _log_hparams(Path(run_cfg.runs_dir) / run_cfg.name, spec, seed, lr, cfg, rows[-1])
     grid.close()
 
-    summary = summarize(read_results(out), cfg.target, labels=[s.label for s in specs])
+    rows, labels = read_results(out), [s.label for s in specs]
+    summary = summarize(rows, cfg.target, labels=labels)
     summary["lrs"], summary["steps"] = lrs, steps
     (out / SUMMARY).write_text(render_summary(summary, cfg))
-    rows, labels = read_results(out), [s.label for s in specs]
     plot_comparison(out, rows, labels, *load_trajectories(out / "runs", rows, labels))
     return summary
 
@@ -263,15 +263,6 @@ def _pct(x: float | None) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _total_steps(cfg: CompareConfig, splits) -> int:
-    if cfg.steps:
-        return cfg.steps
-    steps_per_epoch = len(splits.train_y) // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_y)} training images")
-    return max(1, round(cfg.epochs * steps_per_epoch))
 
 
 def _run_config(

@@ -101,6 +101,14 @@ class TrainConfig:
         return self.run_name or f"{self.model}-{Path(self.operator).stem}-b{self.beta:g}-T{self.temperature:g}-s{self.seed}"
 
 
+def run_length(steps: int | None, epochs: float, n_train: int, batch_size: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run: full batches only; ``steps`` wins over ``epochs``."""
+    steps_per_epoch = n_train // batch_size
+    if steps_per_epoch < 1:
+        raise UserError(f"--batch-size {batch_size} is larger than the {n_train} training images")
+    return steps_per_epoch, steps or max(1, round(epochs * steps_per_epoch))
+
+
 def check_device(device: str) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked, but CUDA is not available on this machine: use --device cpu")
@@ -126,15 +134,15 @@ def load_model_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.
 @torch.no_grad()
 def evaluate(model, params, buffers, loader: BatchLoader, dist: Dist | None = None) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over a whole split (eval-mode BatchNorm); under torchrun each
-    rank's loader holds its share of the split and the sums are added across ranks."""
+    rank's loader holds its share of the split and the per-rank sums are combined."""
     sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # loss sum, correct, count
     for b in loader.epoch():
         logits = apply(model, params, buffers, b.x, train=False)
         sums[0] += torch.nn.functional.cross_entropy(logits, b.y, reduction="sum").double()
         sums[1] += (logits.argmax(1) == b.y).sum()
         sums[2] += len(b.y)
-    if dist is not None:
-        sums = dist.average([sums])[0].double() * dist.world
+    if dist is not None:  # the means over ranks have the same ratios as the sums
+        sums = dist.average([sums])[0]
     loss_sum, correct, n = sums.tolist()
     return loss_sum / max(n, 1), correct / max(n, 1)
 
@@ -218,11 +226,8 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
     ds = splits.dataset
     loader_kw = dict(mean=ds.mean, std=ds.std, device=dev, channels_last=cfg.channels_last)
     train_loader = BatchLoader(splits.train_x, splits.train_y, cfg.batch_size, shuffle=True, augment=cfg.augment, drop_last=True, **loader_kw)
-    if len(train_loader) == 0:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_y)} training images")
+    steps_per_epoch, total_steps = run_length(cfg.steps, cfg.epochs, len(splits.train_y), cfg.batch_size)
     eval_loaders = {s: BatchLoader(*_share(splits.split(s), dist), 1000, shuffle=False, **loader_kw) for s in ("val", "test")}
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
 
     model = build_model(cfg.model, seed=cfg.seed).to(dev)
     if dist:
