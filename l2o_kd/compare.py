@@ -328,16 +328,15 @@ def _append(path: Path, rows: list[dict]) -> None:
 
 
 def _log_hparams(run_dir: Path, spec: OperatorSpec, seed: int, lr: float | None, cfg: CompareConfig, last: dict) -> None:
-    from torch.utils.tensorboard import SummaryWriter
+    """The cell's hyperparameters and final metrics for TensorBoard's HPARAMS tab, in ``<run>/hparams``
+    (what ``SummaryWriter.add_hparams`` writes, without its extra empty events file in the run folder)."""
+    from torch.utils.tensorboard.summary import hparams, scalar
+    from torch.utils.tensorboard.writer import FileWriter
 
-    with SummaryWriter(str(run_dir)) as tb:
-        hparams = {
-            "operator": spec.label,
-            "seed": seed,
-            "lr": lr if lr is not None else -1.0,
-            "student": cfg.student,
-            "beta": cfg.beta,
-            "temperature": cfg.temperature,
-            "steps": last["step"],
-        }
-        tb.add_hparams(hparams, {"hparam/test_acc": last["test_acc"], "hparam/val_acc": last["val_acc"]}, run_name="hparams")
+    params = {"operator": spec.label, "seed": seed, "lr": lr if lr is not None else -1.0, "student": cfg.student,
+              "beta": cfg.beta, "temperature": cfg.temperature, "steps": last["step"]}
+    metrics = {"hparam/test_acc": last["test_acc"], "hparam/val_acc": last["val_acc"]}
+    writer = FileWriter(str(run_dir / "hparams"))
+    for summary in (*hparams(params, metrics), *(scalar(k, v) for k, v in metrics.items())):
+        writer.add_summary(summary)
+    writer.close()

@@ -1,4 +1,9 @@
-"""Meta-training of the learned operator: truncated backpropagation through short distillation episodes.
+"""Meta-training of the learned operator across short distillation episodes, by one of two estimators
+of the meta-gradient (``--method``):
+
+* ``tbptt``: truncated backpropagation through the unrolled training (below);
+* ``es``: antithetic evolution strategies on the validation loss at the *end* of whole episodes
+  (Salimans et al. 2017; Metz et al. 2019), free of the short-horizon bias of truncated unrolls.
 
 An episode is a fresh student (drawn from a small family, seeded) trained by the operator on
 minibatches of the train split with cached teacher logits. Every ``unroll`` steps the mean
@@ -13,16 +18,27 @@ The gradient fed to the operator is built in logit space,
 with the student Jacobian ``J_s`` taken at detached weights (first order) but the bracket kept
 differentiable in beta and T: the meta-gradient then reaches the head that chooses beta_t and T_t
 (with fully detached gradients it would be exactly zero, since beta and T act only through g).
+
+Truncated unrolls are biased towards the short term (Wu et al. 2018): measured here, they shrink
+the step scale, beta and T and make the operator worse at longer horizons. ES instead perturbs phi
+by ``+-sigma*eps``, runs the same episode (same student, same batches) with both operators to its
+end, and estimates ``grad_phi E[L] ~ (L+ - L-) / (2 sigma) * eps``: no backpropagation, no graph,
+an unbiased gradient of the Gaussian-smoothed end-of-episode validation loss.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_atomic
@@ -30,7 +46,7 @@ from .data import Splits, load_splits
 from .distill import batch_ce, kd_gradient, teacher_logits
 from .distributed import Dist
 from .errors import UserError
-from .models import build_model, split_state
+from .models import apply, build_model, split_state
 from .operators import Adam, Operator, StepContext
 from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet
 from .runlog import RunLog
@@ -43,6 +59,7 @@ class MetaConfig:
     data_root: str | None = None
     teacher: str | None = None
     students: str = "tiny,tiny_wide"
+    method: str = "tbptt"  # tbptt | es
     unroll: int = 20
     curriculum: str = "100,300,1000"  # episode lengths, each used for an equal share of the budget
     meta_steps: int = 300
@@ -51,6 +68,9 @@ class MetaConfig:
     clip: float = 1.0
     batch_size: int = 128
     second_order: bool = False
+    sigma: float = 0.02  # es: standard deviation of the perturbations of phi
+    pairs: int = 1  # es: antithetic pairs per meta-step (per rank under torchrun)
+    es_eval: int = 2000  # es: validation images of the end-of-episode loss
     hidden: int = 20
     base_scale: float = 1e-3
     validate_every: int = 50
@@ -69,6 +89,10 @@ class MetaConfig:
             raise UserError("--unroll, --meta-steps and --validate-every must be positive")
         if not self.meta_lr > 0:
             raise UserError(f"--meta-lr must be positive, got {self.meta_lr}")
+        if self.method not in ("tbptt", "es"):
+            raise UserError(f"--method must be tbptt or es, got {self.method!r}")
+        if self.method == "es" and not (self.sigma > 0 and self.pairs >= 1 and self.es_eval >= 1):
+            raise UserError("--sigma, --pairs and --es-eval must be positive")
         for s in self.students.split(","):
             build_model(s)
         check_device(self.device)
@@ -122,21 +146,60 @@ class Episode:
         self.state = {k: v.detach() for k, v in self.state.items()}
 
 
+def train_step(operator: LSTMOperator, ep: Episode) -> None:
+    """One operator step of the episode on a train minibatch, with the KD (beta, T) the operator chose."""
+    x, y, idx = ep.batch("train")
+    kd = operator.kd(ep.state)
+    grads, ce, kdl = kd_gradient(ep.model, ep.params, ep.buffers, x, y, ep.logits[idx.to(ep.logits.device)], kd.beta, kd.temperature, ep.cfg.second_order)
+    beta = float(kd.beta.detach())
+    ctx = StepContext(ep.step, ep.length, (1 - beta) * ce + beta * kdl, ce, kdl)
+    ep.params, ep.state, _ = operator.step(ep.params, grads, ep.state, ctx)
+    ep.step += 1
+
+
 def unroll(operator: LSTMOperator, ep: Episode, k: int) -> torch.Tensor:
     """``k`` operator steps of an episode; returns the mean validation CE after each (a graph to phi)."""
     losses = []
     for _ in range(min(k, ep.length - ep.step)):
-        x, y, idx = ep.batch("train")
-        kd = operator.kd(ep.state)
-        grads, ce, kdl = kd_gradient(ep.model, ep.params, ep.buffers, x, y, ep.logits[idx.to(ep.logits.device)], kd.beta, kd.temperature, ep.cfg.second_order)
-        beta = float(kd.beta.detach())
-        loss = (1 - beta) * ce + beta * kdl
-        ctx = StepContext(ep.step, ep.length, loss, ce, kdl)
-        ep.params, ep.state, _ = operator.step(ep.params, grads, ep.state, ctx)
+        train_step(operator, ep)
         xv, yv, _ = ep.batch("val")
         losses.append(batch_ce(ep.model, ep.params, ep.buffers, xv, yv))
-        ep.step += 1
     return torch.stack(losses).mean()
+
+
+DIVERGED_LOSS = 10.0  # end-of-episode loss counted for a diverged episode (chance is ln 10 = 2.3)
+
+
+def episode_end_loss(operator: LSTMOperator, ep: Episode, n_val: int) -> float:
+    """Runs the episode to its end, then the student's validation CE (eval mode, running BatchNorm
+    statistics) on ``n_val`` images drawn by the episode's generator; a diverged episode scores
+    ``DIVERGED_LOSS``."""
+    while not ep.done:
+        train_step(operator, ep)
+        ep.detach()
+    x, y = ep.splits.split("val")
+    idx = torch.randperm(len(y), generator=ep.gen)[:n_val]
+    with torch.no_grad():
+        xv = (x[idx].to(ep.cfg.device).float() - ep.mean) / ep.std
+        loss = float(F.cross_entropy(apply(ep.model, ep.params, ep.buffers, xv, train=False), y[idx].to(ep.cfg.device)))
+    return loss if math.isfinite(loss) else DIVERGED_LOSS
+
+
+def es_gradient(net: nn.Module, loss_of: Callable[[nn.Module], float], sigma: float, gen: torch.Generator) -> tuple[list[torch.Tensor], tuple[float, float]]:
+    """One antithetic ES estimate of the gradient of ``loss_of`` (smoothed by N(0, sigma^2)) w.r.t. the
+    parameters of ``net``: ``(L(phi + sigma eps) - L(phi - sigma eps)) / (2 sigma) * eps``. Returns it
+    and the two losses. ``loss_of`` gets a perturbed copy of ``net``; for a low-variance estimate it
+    must evaluate both on the same episode (common random numbers)."""
+    eps = [torch.randn(p.shape, generator=gen).to(p) for p in net.parameters()]
+    losses = []
+    for sign in (1.0, -1.0):
+        probe = copy.deepcopy(net).requires_grad_(False)
+        with torch.no_grad():
+            for p, e in zip(probe.parameters(), eps):
+                p.add_(sign * sigma * e)
+        losses.append(loss_of(probe))
+    coeff = (losses[0] - losses[1]) / (2 * sigma)
+    return [coeff * e for e in eps], (losses[0], losses[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,15 +236,19 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     def new_episode() -> Episode:
         frac = meta_step / cfg.meta_steps
         length = cfg.lengths[min(int(frac * len(cfg.lengths)), len(cfg.lengths) - 1)]
-        key = episode_idx * (dist.world if dist else 1) + (dist.rank if dist else 0)  # distinct episodes on every rank
-        rng = random.Random(cfg.seed * 7919 + key)
-        return Episode(splits, logits, operator, rng.choice(students), seed=cfg.seed * 100_000 + key, length=length, cfg=cfg)
+        rng = random.Random(cfg.seed * 7919 + episode_key())
+        return Episode(splits, logits, operator, rng.choice(students), seed=cfg.seed * 100_000 + episode_key(), length=length, cfg=cfg)
+
+    def episode_key() -> int:
+        return episode_idx * (dist.world if dist else 1) + (dist.rank if dist else 0)  # distinct episodes on every rank
 
     episode_path = run_dir / f"episode-rank{dist.rank if dist else 0}.pt"
 
     def save_progress() -> None:
-        """The operator and meta-optimizer (rank 0) and this rank's episode in progress (every rank)."""
-        save_atomic({"meta_step": meta_step, "episode": ep.snapshot()}, episode_path)
+        """The operator and meta-optimizer (rank 0) and this rank's episode in progress (every rank;
+        ES meta-steps run whole episodes, so there is none in progress between them)."""
+        if ep is not None:
+            save_atomic({"meta_step": meta_step, "episode": ep.snapshot()}, episode_path)
         if main:
             operator.save(state_path, meta_optimizer=meta_opt.state_dict(),
                           progress={"meta_step": meta_step, "episode": episode_idx, "skipped": skipped, "best_val_acc": best, "wall_s": wall})
@@ -203,19 +270,55 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
             log.row({"step": meta_step, **res, "best_val_acc": best, "skipped": skipped, "wall_s": round(wall, 1)})
         save_progress()
 
-    ep = _resumed_episode(episode_path, meta_step, splits, logits, operator, cfg) if meta_step else None
-    ep = ep or new_episode()
+    def tbptt_gradient() -> dict | None:
+        """Backpropagates one truncated unroll into p.grad; None when it is not finite."""
+        meta_loss = unroll(operator, ep, cfg.unroll)
+        if not bool(torch.isfinite(meta_loss)):
+            return None
+        meta_loss.backward()
+        ep.detach()
+        if not all(bool(torch.isfinite(p.grad).all()) for p in net.parameters() if p.grad is not None):
+            return None
+        return {"loss": meta_loss.item(), "episode_length": ep.length, "beta": float(ep.state["beta"]),
+                "temperature": float(ep.state["temperature"]), "step_scale": float(ep.state["scale"])}
+
+    def es_meta_gradient() -> dict:
+        """The mean of ``cfg.pairs`` antithetic ES estimates into p.grad; each pair runs one fresh
+        episode twice, once with each perturbed operator."""
+        nonlocal episode_idx
+        total, losses, finals = None, [], []
+
+        def end_loss(probe: nn.Module) -> float:
+            ep = new_episode()  # the same student, initialization and batches for both members of the pair
+            loss = episode_end_loss(LSTMOperator(probe), ep, cfg.es_eval)
+            finals.append({**ep.state, "episode_length": ep.length})
+            return loss
+
+        for _ in range(cfg.pairs):
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + episode_key())
+            grads, pair = es_gradient(net, end_loss, cfg.sigma, gen)
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+            losses.append(pair)
+            episode_idx += 1
+        for p, g in zip(net.parameters(), total):
+            p.grad = g / cfg.pairs
+        mean = lambda xs: sum(xs) / len(xs)
+        return {"loss": mean([sum(pair) / 2 for pair in losses]), "loss_diff": mean([a - b for a, b in losses]),
+                "diverged": sum(x == DIVERGED_LOSS for pair in losses for x in pair),
+                **{k: mean([float(st[k]) for st in finals]) for k in ("beta", "temperature", "episode_length")},
+                "step_scale": mean([float(st["scale"]) for st in finals])}
+
+    ep = None
+    if cfg.method == "tbptt":
+        ep = (_resumed_episode(episode_path, meta_step, splits, logits, operator, cfg) if meta_step else None) or new_episode()
     bar = tqdm(total=cfg.meta_steps, initial=meta_step, desc="meta-train", disable=not (cfg.progress and main), dynamic_ncols=True)
     t_start = time.perf_counter() - wall
     if meta_step == 0:
         validate()
     while meta_step < cfg.meta_steps and not _out_of_time(cfg, t_start, dist):
-        meta_loss = unroll(operator, ep, cfg.unroll)
         meta_opt.zero_grad()
-        finite = bool(torch.isfinite(meta_loss))
-        if finite:
-            meta_loss.backward()
-            finite = all(bool(torch.isfinite(p.grad).all()) for p in net.parameters() if p.grad is not None)
+        stats = es_meta_gradient() if cfg.method == "es" else tbptt_gradient()
+        finite = stats is not None
         if dist:
             finite = not dist.any(not finite)  # one rank's non-finite step is skipped by all
         if not finite:  # skip the step, restart the episode
@@ -223,7 +326,7 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
             meta_opt.zero_grad()
             log.scalars(meta_step, {"skipped": skipped}, "meta/")
             episode_idx += 1
-            ep = new_episode()
+            ep = ep and new_episode()
             continue
         if dist:
             with_grad = [p for p in net.parameters() if p.grad is not None]
@@ -231,14 +334,11 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
                 p.grad = g
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)
         meta_opt.step()
-        ep.detach()
-        log.scalars(meta_step, {"loss": meta_loss.item(), "grad_norm": grad_norm.item(), "episode_length": ep.length,
-                                "beta": float(ep.state["beta"]), "temperature": float(ep.state["temperature"]),
-                                "step_scale": float(ep.state["scale"])}, "meta/")
+        log.scalars(meta_step, {**stats, "grad_norm": grad_norm.item()}, "meta/")
         meta_step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{meta_loss.item():.3f}", ep=f"{ep.student}:{ep.step}/{ep.length}")
-        if ep.done:
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", ep=f"{ep.student}:{ep.step}/{ep.length}" if ep else f"{episode_idx} episodes")
+        if ep is not None and ep.done:
             episode_idx += 1
             ep = new_episode()
         if meta_step % cfg.validate_every == 0 or meta_step == cfg.meta_steps:

@@ -41,7 +41,9 @@ def test_compare_writes_results_summary_and_plots(tmp_path, teacher_ckpt):
             assert [r["final"] for r in cell] == [False, False, False, True]
     for name in ("summary.md", "accuracy.png", "train_loss.png", "schedules.png", "trajectories.png"):
         assert (out / name).stat().st_size > 0
-    assert list((out / "runs" / "adam-s1").glob("events.out.tfevents.*"))
+    assert len(list((out / "runs" / "adam-s1").glob("events.out.tfevents.*"))) == 1  # the run's own, no empty extra
+    hparams_events = list((out / "runs" / "adam-s1" / "hparams").glob("events.out.tfevents.*"))
+    assert len(hparams_events) == 1 and b"hparam/test_acc" in hparams_events[0].read_bytes()
 
     # identical seeds give identical initial students (and data) across operators; seeds differ
     start = {(r["operator"], r["seed"]): r["val_loss"] for r in rows if r["step"] == 0}

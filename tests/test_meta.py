@@ -7,8 +7,8 @@ from l2o_kd.checkpoint import load_checkpoint
 from l2o_kd.cli import main
 from l2o_kd.data import load_splits
 from l2o_kd.distill import teacher_logits
-from l2o_kd.meta import Episode, MetaConfig, meta_train, unroll
-from l2o_kd.operators.learned import LSTMOperator, load_operator
+from l2o_kd.meta import Episode, MetaConfig, es_gradient, meta_train, unroll
+from l2o_kd.operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from l2o_kd.runlog import read_metrics
 from l2o_kd.train import load_model_checkpoint
 
@@ -77,17 +77,79 @@ def test_meta_train_resumes_and_skips_non_finite_steps(tmp_path, teacher_ckpt, m
     assert [r["step"] for r in read_metrics(tmp_path / "m")] == [0, 2, 4, 6]
 
 
-def test_interrupted_meta_training_resumes_to_the_same_operator(tmp_path, teacher_ckpt, monkeypatch):
-    kw = dict(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny,tiny_wide", unroll=3, curriculum="12", meta_steps=7,
-              validate_every=2, val_horizon=5, val_seeds="1000", batch_size=32, runs_dir=str(tmp_path), progress=False)
+@pytest.mark.parametrize("method,estimator", [("tbptt", "unroll"), ("es", "es_gradient")])
+def test_interrupted_meta_training_resumes_to_the_same_operator(tmp_path, teacher_ckpt, monkeypatch, method, estimator):
+    kw = dict(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny,tiny_wide", method=method, unroll=3, curriculum="12",
+              meta_steps=7, validate_every=2, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64, runs_dir=str(tmp_path),
+              progress=False)
     meta_train(MetaConfig(run_name="full", **kw))
-    real = meta.unroll
-    kill_at_call(monkeypatch, meta, "unroll", 4)  # mid-episode, after the step-2 checkpoint
+    real = getattr(meta, estimator)
+    kill_at_call(monkeypatch, meta, estimator, 4)  # after the step-2 checkpoint (tbptt: mid-episode)
     with pytest.raises(KeyboardInterrupt):
         meta_train(MetaConfig(run_name="cut", **kw))
-    monkeypatch.setattr(meta, "unroll", real)
+    monkeypatch.setattr(meta, estimator, real)
     meta_train(MetaConfig(run_name="cut", **kw), resume=True)
     full, cut = (load_checkpoint(tmp_path / run / "meta_checkpoint.pt", kind="operator") for run in ("full", "cut"))
     for name, w in full["weights"].items():  # bitwise equal with one thread; float rounding differs slightly with several
         torch.testing.assert_close(cut["weights"][name], w, atol=1e-4, rtol=0)
     assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [r["step"] for r in read_metrics(tmp_path / "full")] == [0, 2, 4, 6, 7]
+
+
+def test_es_gradient_is_exact_along_its_perturbation_and_unbiased():
+    """On a quadratic the central difference is exact: one estimate is (grad . eps) eps; the mean of many is grad."""
+    net = torch.nn.Linear(3, 2)
+    a = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
+
+    def loss_of(m):
+        return float(((m.weight - a) ** 2).sum() + 2 * (m.bias**2).sum())
+
+    grad = [2 * (net.weight.detach() - a), 4 * net.bias.detach()]
+    replay = torch.Generator().manual_seed(0)
+    eps = [torch.randn(p.shape, generator=replay) for p in net.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    est, (lp, lm) = es_gradient(net, loss_of, 0.1, gen)
+    along = sum((g * e).sum() for g, e in zip(grad, eps))
+    for x, e in zip(est, eps):
+        torch.testing.assert_close(x, along * e, rtol=1e-3, atol=1e-4)
+    assert lp > lm if along > 0 else lp < lm
+    estimates = [est] + [es_gradient(net, loss_of, 0.1, gen)[0] for _ in range(3999)]
+    for k, g in enumerate(grad):
+        mean = torch.stack([e[k] for e in estimates]).mean(0)
+        torch.testing.assert_close(mean, g, atol=0.15 * float(g.abs().max()), rtol=0)
+
+
+def test_an_episode_is_deterministic_so_a_pair_differs_only_by_its_perturbation(teacher_ckpt):
+    splits = load_splits("synthetic")
+    logits = teacher_logits(load_model_checkpoint(teacher_ckpt)[0], teacher_ckpt, splits)["train"]
+    cfg = MetaConfig(dataset="synthetic", batch_size=32)
+    make = lambda: Episode(splits, logits, LSTMOperator(), "tiny", seed=3, length=15, cfg=cfg)
+    op = LSTMOperator()
+    assert meta.episode_end_loss(op, make(), 200) == meta.episode_end_loss(op, make(), 200)
+
+
+def test_es_meta_training_lowers_the_end_of_episode_loss(teacher_ckpt):
+    """From an operator whose steps are far too small, ES steps must lower the end-of-episode validation loss."""
+    splits = load_splits("synthetic")
+    logits = teacher_logits(load_model_checkpoint(teacher_ckpt)[0], teacher_ckpt, splits)["train"]
+    cfg = MetaConfig(dataset="synthetic", batch_size=32)
+    make = lambda: Episode(splits, logits, op, "tiny", seed=5, length=40, cfg=cfg)
+    op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4, base_scale=1e-3)))
+    end_loss = lambda net: meta.episode_end_loss(LSTMOperator(net), make(), 400)
+    before = end_loss(op.net)
+    meta_opt, gen = torch.optim.Adam(op.net.parameters(), lr=0.2), torch.Generator().manual_seed(0)
+    for _ in range(15):
+        grads, _ = es_gradient(op.net, end_loss, 0.1, gen)
+        for p, g in zip(op.net.parameters(), grads):
+            p.grad = g
+        meta_opt.step()
+    after = end_loss(op.net)
+    assert after < before - 0.1, (before, after)
+
+
+def test_es_meta_train_handles_diverging_episodes(tmp_path, teacher_ckpt):
+    cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny", method="es", curriculum="10", meta_steps=2,
+                     validate_every=2, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64, base_scale=1e3,
+                     runs_dir=str(tmp_path), run_name="m", progress=False)
+    res = meta_train(cfg)
+    assert res["meta_steps"] == 2 and res["skipped"] == 0
+    assert all(torch.isfinite(w).all() for w in load_checkpoint(tmp_path / "m" / "meta_checkpoint.pt", kind="operator")["weights"].values())
