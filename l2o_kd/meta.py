@@ -71,6 +71,8 @@ class MetaConfig:
     sigma: float = 0.02  # es: standard deviation of the perturbations of phi
     pairs: int = 1  # es: antithetic pairs per meta-step (per rank under torchrun)
     es_eval: int = 2000  # es: validation images of the end-of-episode loss
+    es_objective: str = "ce"  # es: end-of-episode validation "ce" or "error" (ES needs no gradient of it)
+    es_params: str = "all"  # es: perturb "all" operator weights or only the "readout" layers
     hidden: int = 20
     base_scale: float = 1e-3
     validate_every: int = 50
@@ -93,6 +95,8 @@ class MetaConfig:
             raise UserError(f"--method must be tbptt or es, got {self.method!r}")
         if self.method == "es" and not (self.sigma > 0 and self.pairs >= 1 and self.es_eval >= 1):
             raise UserError("--sigma, --pairs and --es-eval must be positive")
+        if self.es_objective not in ("ce", "error") or self.es_params not in ("all", "readout"):
+            raise UserError("--es-objective must be ce or error, --es-params all or readout")
         for s in self.students.split(","):
             build_model(s)
         check_device(self.device)
@@ -111,6 +115,7 @@ class Episode:
         self.state = operator.init(self.params)
         self.splits, self.logits, self.cfg = splits, logits, cfg
         self.step, self.length, self.student, self.seed = 0, length, student, seed
+        self.diverged = False
         self.gen = torch.Generator().manual_seed(seed)
         ds = splits.dataset
         self.mean = torch.tensor(ds.mean, device=cfg.device).view(1, 3, 1, 1) * 255
@@ -168,12 +173,13 @@ def unroll(operator: LSTMOperator, ep: Episode, k: int) -> torch.Tensor:
 
 
 DIVERGED_LOSS = 10.0  # end-of-episode loss counted for a diverged episode (chance is ln 10 = 2.3)
+READOUT = ("coord_out.", "head.2.")  # --es-params readout: the output layers, on a fixed random LSTM
 
 
-def episode_end_loss(operator: LSTMOperator, ep: Episode, n_val: int) -> float:
-    """Runs the episode to its end, then the student's validation CE (eval mode, running BatchNorm
-    statistics) on ``n_val`` images drawn by the episode's generator; a diverged episode scores
-    ``DIVERGED_LOSS``."""
+def episode_end_loss(operator: LSTMOperator, ep: Episode, n_val: int, objective: str = "ce") -> float:
+    """Runs the episode to its end, then the student's validation CE, or error rate with
+    ``objective="error"`` (eval mode, running BatchNorm statistics), on ``n_val`` images drawn by the
+    episode's generator; a diverged episode scores ``DIVERGED_LOSS`` (CE) or 0.9 (error)."""
     while not ep.done:
         train_step(operator, ep)
         ep.detach()
@@ -181,16 +187,22 @@ def episode_end_loss(operator: LSTMOperator, ep: Episode, n_val: int) -> float:
     idx = torch.randperm(len(y), generator=ep.gen)[:n_val]
     with torch.no_grad():
         xv = (x[idx].to(ep.cfg.device).float() - ep.mean) / ep.std
-        loss = float(F.cross_entropy(apply(ep.model, ep.params, ep.buffers, xv, train=False), y[idx].to(ep.cfg.device)))
-    return loss if math.isfinite(loss) else DIVERGED_LOSS
+        logits, yv = apply(ep.model, ep.params, ep.buffers, xv, train=False), y[idx].to(ep.cfg.device)
+        ce = float(F.cross_entropy(logits, yv))
+    ep.diverged = not math.isfinite(ce)
+    if ep.diverged:
+        return DIVERGED_LOSS if objective == "ce" else 0.9
+    return ce if objective == "ce" else float((logits.argmax(1) != yv).float().mean())
 
 
-def es_gradient(net: nn.Module, loss_of: Callable[[nn.Module], float], sigma: float, gen: torch.Generator) -> tuple[list[torch.Tensor], tuple[float, float]]:
+def es_gradient(net: nn.Module, loss_of: Callable[[nn.Module], float], sigma: float, gen: torch.Generator,
+                trained: Callable[[str], bool] = lambda name: True) -> tuple[list[torch.Tensor], tuple[float, float]]:
     """One antithetic ES estimate of the gradient of ``loss_of`` (smoothed by N(0, sigma^2)) w.r.t. the
     parameters of ``net``: ``(L(phi + sigma eps) - L(phi - sigma eps)) / (2 sigma) * eps``. Returns it
     and the two losses. ``loss_of`` gets a perturbed copy of ``net``; for a low-variance estimate it
-    must evaluate both on the same episode (common random numbers)."""
-    eps = [torch.randn(p.shape, generator=gen).to(p) for p in net.parameters()]
+    must evaluate both on the same episode (common random numbers). Parameters whose name fails
+    ``trained`` are not perturbed (their estimate is zero): fewer dimensions, less variance."""
+    eps = [torch.randn(p.shape, generator=gen).to(p) * trained(name) for name, p in net.named_parameters()]
     losses = []
     for sign in (1.0, -1.0):
         probe = copy.deepcopy(net).requires_grad_(False)
@@ -287,16 +299,17 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         episode twice, once with each perturbed operator."""
         nonlocal episode_idx
         total, losses, finals = None, [], []
+        trained = (lambda name: name.startswith(READOUT)) if cfg.es_params == "readout" else (lambda name: True)
 
         def end_loss(probe: nn.Module) -> float:
             ep = new_episode()  # the same student, initialization and batches for both members of the pair
-            loss = episode_end_loss(LSTMOperator(probe), ep, cfg.es_eval)
-            finals.append({**ep.state, "episode_length": ep.length})
+            loss = episode_end_loss(LSTMOperator(probe), ep, cfg.es_eval, cfg.es_objective)
+            finals.append({**ep.state, "episode_length": ep.length, "diverged": ep.diverged})
             return loss
 
         for _ in range(cfg.pairs):
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + episode_key())
-            grads, pair = es_gradient(net, end_loss, cfg.sigma, gen)
+            grads, pair = es_gradient(net, end_loss, cfg.sigma, gen, trained)
             total = grads if total is None else [a + b for a, b in zip(total, grads)]
             losses.append(pair)
             episode_idx += 1
@@ -304,7 +317,7 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
             p.grad = g / cfg.pairs
         mean = lambda xs: sum(xs) / len(xs)
         return {"loss": mean([sum(pair) / 2 for pair in losses]), "loss_diff": mean([a - b for a, b in losses]),
-                "diverged": sum(x == DIVERGED_LOSS for pair in losses for x in pair),
+                "diverged": sum(st["diverged"] for st in finals),
                 **{k: mean([float(st[k]) for st in finals]) for k in ("beta", "temperature", "episode_length")},
                 "step_scale": mean([float(st["scale"]) for st in finals])}
 

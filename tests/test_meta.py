@@ -116,6 +116,8 @@ def test_es_gradient_is_exact_along_its_perturbation_and_unbiased():
     for k, g in enumerate(grad):
         mean = torch.stack([e[k] for e in estimates]).mean(0)
         torch.testing.assert_close(mean, g, atol=0.15 * float(g.abs().max()), rtol=0)
+    w_est, b_est = es_gradient(net, loss_of, 0.1, gen, trained=lambda name: name == "bias")[0]  # only the bias moves
+    assert not w_est.any() and b_est.any()
 
 
 def test_an_episode_is_deterministic_so_a_pair_differs_only_by_its_perturbation(teacher_ckpt):
