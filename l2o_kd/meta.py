@@ -72,7 +72,7 @@ class MetaConfig:
     pairs: int = 1  # es: antithetic pairs per meta-step (per rank under torchrun)
     es_eval: int = 2000  # es: validation images of the end-of-episode loss
     es_objective: str = "ce"  # es: end-of-episode validation "ce" or "error" (ES needs no gradient of it)
-    es_params: str = "all"  # es: perturb "all" operator weights or only the "readout" layers
+    es_params: str = "all"  # es: perturb "all" operator weights, the "readout" layers or the output "bias"es
     hidden: int = 20
     base_scale: float = 1e-3
     validate_every: int = 50
@@ -95,8 +95,8 @@ class MetaConfig:
             raise UserError(f"--method must be tbptt or es, got {self.method!r}")
         if self.method == "es" and not (self.sigma > 0 and self.pairs >= 1 and self.es_eval >= 1):
             raise UserError("--sigma, --pairs and --es-eval must be positive")
-        if self.es_objective not in ("ce", "error") or self.es_params not in ("all", "readout"):
-            raise UserError("--es-objective must be ce or error, --es-params all or readout")
+        if self.es_objective not in ("ce", "error") or self.es_params not in ES_PARAMS:
+            raise UserError(f"--es-objective must be ce or error, --es-params one of {', '.join(ES_PARAMS)}")
         for s in self.students.split(","):
             build_model(s)
         check_device(self.device)
@@ -173,7 +173,11 @@ def unroll(operator: LSTMOperator, ep: Episode, k: int) -> torch.Tensor:
 
 
 DIVERGED_LOSS = 10.0  # end-of-episode loss counted for a diverged episode (chance is ln 10 = 2.3)
-READOUT = ("coord_out.", "head.2.")  # --es-params readout: the output layers, on a fixed random LSTM
+ES_PARAMS = {  # which operator weights --es-params perturbs (the rest stay at their initialization)
+    "all": ("",),
+    "readout": ("coord_out.", "head.2."),  # the output layers, reading a fixed random LSTM
+    "bias": ("coord_out.bias", "head.2.bias"),  # the output biases: base beta, T, step scale, step magnitude, drift
+}
 
 
 def episode_end_loss(operator: LSTMOperator, ep: Episode, n_val: int, objective: str = "ce") -> float:
@@ -299,7 +303,7 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         episode twice, once with each perturbed operator."""
         nonlocal episode_idx
         total, losses, finals = None, [], []
-        trained = (lambda name: name.startswith(READOUT)) if cfg.es_params == "readout" else (lambda name: True)
+        trained = lambda name: name.startswith(ES_PARAMS[cfg.es_params])
 
         def end_loss(probe: nn.Module) -> float:
             ep = new_episode()  # the same student, initialization and batches for both members of the pair
