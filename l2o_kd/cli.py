@@ -167,6 +167,7 @@ def search(method, trials, retrain_seeds, out, **kw):
               help="es: perturb all operator weights, only the output layers, or only their biases (fewer dimensions, less variance).")
 @click.option("--hidden", type=int, default=20, show_default=True)
 @click.option("--base-scale", type=float, default=1e-3, show_default=True)
+@click.option("--init", default=None, help="Start from this operator checkpoint (its config wins over --hidden/--base-scale).")
 @click.option("--validate-every", type=int, default=50, show_default=True)
 @click.option("--val-horizon", type=int, default=300, show_default=True, help="Steps of each meta-validation episode.")
 @click.option("--val-seeds", default="1000,1001", show_default=True)

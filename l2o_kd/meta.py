@@ -48,7 +48,7 @@ from .distributed import Dist
 from .errors import UserError
 from .models import apply, build_model, split_state
 from .operators import Adam, Operator, StepContext
-from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet
+from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from .runlog import RunLog
 from .train import DEFAULT_TEACHER, TrainConfig, check_device, load_model_checkpoint, train
 
@@ -75,6 +75,7 @@ class MetaConfig:
     es_params: str = "all"  # es: perturb "all" operator weights, the "readout" layers or the output "bias"es
     hidden: int = 20
     base_scale: float = 1e-3
+    init: str | None = None  # start from this operator checkpoint instead of a fresh operator
     validate_every: int = 50
     val_horizon: int = 300
     val_seeds: str = "1000,1001"
@@ -237,7 +238,10 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     teacher, _ = load_model_checkpoint(teacher_path, cfg.device)
     logits = teacher_logits(teacher, teacher_path, splits, cfg.device)["train"].to(cfg.device)
 
-    net = LSTMOperatorNet(LSTMOperatorConfig(hidden=cfg.hidden, base_scale=cfg.base_scale)).to(cfg.device)
+    if cfg.init:  # continue from a saved operator (its own config wins over --hidden/--base-scale)
+        net = load_operator(cfg.init, cfg.device).net
+    else:
+        net = LSTMOperatorNet(LSTMOperatorConfig(hidden=cfg.hidden, base_scale=cfg.base_scale)).to(cfg.device)
     operator = LSTMOperator(net)
     meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
     meta_step, episode_idx, skipped, best, wall = 0, 0, 0, -1.0, 0.0

@@ -155,3 +155,17 @@ def test_es_meta_train_handles_diverging_episodes(tmp_path, teacher_ckpt):
     res = meta_train(cfg)
     assert res["meta_steps"] == 2 and res["skipped"] == 0
     assert all(torch.isfinite(w).all() for w in load_checkpoint(tmp_path / "m" / "meta_checkpoint.pt", kind="operator")["weights"].values())
+
+
+def test_es_on_the_biases_continues_a_saved_operator_and_moves_only_its_biases(tmp_path, teacher_ckpt):
+    start = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4)))
+    start.save(tmp_path / "start.pt")
+    cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny", method="es", es_params="bias", init=str(tmp_path / "start.pt"),
+                     curriculum="15", meta_steps=2, validate_every=2, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64,
+                     meta_lr=0.1, sigma=0.3, runs_dir=str(tmp_path), run_name="m", progress=False)
+    meta_train(cfg)
+    ck = load_checkpoint(tmp_path / "m" / "meta_checkpoint.pt", kind="operator")
+    assert ck["config"]["hidden"] == 4  # the saved operator's config, not --hidden
+    for name, w in start.net.state_dict().items():
+        moved = not torch.equal(ck["weights"][name], w)
+        assert moved == name.startswith(("coord_out.bias", "head.2.bias")), name
