@@ -347,7 +347,8 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
             meta_opt.zero_grad()
             log.scalars(meta_step, {"skipped": skipped}, "meta/")
             episode_idx += 1
-            ep = ep and new_episode()
+            if ep is not None:
+                ep = new_episode()
             continue
         if dist:
             with_grad = [p for p in net.parameters() if p.grad is not None]
