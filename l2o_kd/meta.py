@@ -45,7 +45,7 @@ from .checkpoint import load_checkpoint, save_atomic
 from .data import Splits, load_splits
 from .distill import batch_ce, kd_gradient, teacher_logits
 from .distributed import Dist
-from .errors import UserError
+from .errors import Diverged, UserError
 from .models import apply, build_model, split_state
 from .operators import Adam, Operator, StepContext
 from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
@@ -389,7 +389,8 @@ def _out_of_time(cfg: MetaConfig, t_start: float, dist: Dist | None) -> bool:
 
 def meta_validate(operator: Operator, cfg: MetaConfig, splits: Splits, out_dir: Path, adam_cache: dict | None = None) -> dict:
     """The operator and the reference Adam on held-out seeds at ``val_horizon`` steps; mean val
-    accuracy of each (Adam's runs do not change between validations: ``adam_cache`` keeps them)."""
+    accuracy of each, a diverged run counting 0 (Adam's runs do not change between validations:
+    ``adam_cache`` keeps them)."""
     adam_cache = {} if adam_cache is None else adam_cache
     accs: dict[str, list[float]] = {"lstm": [], "adam": []}
     for seed in (int(s) for s in cfg.val_seeds.split(",")):
@@ -400,7 +401,10 @@ def meta_validate(operator: Operator, cfg: MetaConfig, splits: Splits, out_dir: 
             tc = TrainConfig(model="tiny", dataset=cfg.dataset, teacher=cfg.teacher, operator=name, steps=cfg.val_horizon,
                              batch_size=cfg.batch_size, seed=seed, device=cfg.device, runs_dir=str(out_dir), run_name=f"{name}-s{seed}",
                              progress=False, log_every=10)
-            accs[name].append(train(tc, splits=splits, operator=op)["val_acc"])
+            try:
+                accs[name].append(train(tc, splits=splits, operator=op)["val_acc"])
+            except Diverged:  # a diverging operator is a bad operator, not a crash of meta-training
+                accs[name].append(0.0)
             if name == "adam":
                 adam_cache[seed] = accs[name][-1]
     return {"lstm_val_acc": sum(accs["lstm"]) / len(accs["lstm"]), "adam_val_acc": sum(accs["adam"]) / len(accs["adam"])}

@@ -50,8 +50,17 @@ class RunLog:
                 self.tb.add_scalar(prefix + k, v, step)
 
     def histogram(self, step: int, tag: str, values: torch.Tensor) -> None:
-        if self.tb is not None:
-            self.tb.add_histogram(tag, values.detach().float().cpu(), step)
+        """A histogram of the finite values. TensorBoard cannot bin inf/NaN and fails on values near
+        the float32 limit; a diverging run is then reported by the training loop, not by a crash here."""
+        if self.tb is None:
+            return
+        values = values.detach().float().cpu().flatten()
+        values = values[torch.isfinite(values)]
+        try:
+            if len(values):
+                self.tb.add_histogram(tag, values, step)
+        except ValueError:  # "The histogram is empty": bin edges overflowed
+            pass
 
     def row(self, row: dict[str, Any]) -> None:
         """Append one evaluation row to metrics.jsonl and mirror its numbers in TensorBoard."""

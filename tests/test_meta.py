@@ -148,12 +148,18 @@ def test_es_meta_training_lowers_the_end_of_episode_loss(teacher_ckpt):
     assert after < before - 0.1, (before, after)
 
 
-def test_es_meta_train_handles_diverging_episodes(tmp_path, teacher_ckpt):
+def test_es_meta_train_survives_diverging_episodes_and_validations(tmp_path, teacher_ckpt):
+    splits = load_splits("synthetic")
+    logits = teacher_logits(load_model_checkpoint(teacher_ckpt)[0], teacher_ckpt, splits)["train"]
+    op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(base_scale=1e30)))  # overflows to inf/NaN in a few steps
+    ep = Episode(splits, logits, op, "tiny", seed=3, length=10, cfg=MetaConfig(dataset="synthetic", batch_size=32))
+    assert meta.episode_end_loss(op, ep, 64) == meta.DIVERGED_LOSS and ep.diverged
     cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny", method="es", curriculum="10", meta_steps=2,
-                     validate_every=2, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64, base_scale=1e3,
+                     validate_every=2, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64, base_scale=1e30,
                      runs_dir=str(tmp_path), run_name="m", progress=False)
     res = meta_train(cfg)
     assert res["meta_steps"] == 2 and res["skipped"] == 0
+    assert [r["lstm_val_acc"] for r in read_metrics(tmp_path / "m")] == [0.0, 0.0]  # diverged validations count 0
     assert all(torch.isfinite(w).all() for w in load_checkpoint(tmp_path / "m" / "meta_checkpoint.pt", kind="operator")["weights"].values())
 
 
