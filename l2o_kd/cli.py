@@ -163,8 +163,9 @@ def search(method, trials, retrain_seeds, out, **kw):
 @click.option("--es-eval", type=int, default=2000, show_default=True, help="es: validation images of the end-of-episode loss.")
 @click.option("--es-objective", type=click.Choice(["ce", "error"]), default="ce", show_default=True,
               help="es: the end-of-episode validation cross-entropy or error rate.")
-@click.option("--es-params", type=click.Choice(["all", "readout", "bias"]), default="all", show_default=True,
-              help="es: perturb all operator weights, only the output layers, or only their biases (fewer dimensions, less variance).")
+@click.option("--es-params", type=click.Choice(["all", "readout", "bias", "head-bias"]), default="all", show_default=True,
+              help="es: perturb all operator weights, only the output layers, their 5 biases, or the global head's 3 biases "
+                   "(fewer dimensions, less variance).")
 @click.option("--hidden", type=int, default=20, show_default=True)
 @click.option("--base-scale", type=float, default=1e-3, show_default=True)
 @click.option("--init", default=None, help="Start from this operator checkpoint (its config wins over --hidden/--base-scale).")

@@ -72,7 +72,7 @@ class MetaConfig:
     pairs: int = 1  # es: antithetic pairs per meta-step (per rank under torchrun)
     es_eval: int = 2000  # es: validation images of the end-of-episode loss
     es_objective: str = "ce"  # es: end-of-episode validation "ce" or "error" (ES needs no gradient of it)
-    es_params: str = "all"  # es: perturb "all" operator weights, the "readout" layers or the output "bias"es
+    es_params: str = "all"  # es: a key of ES_PARAMS
     hidden: int = 20
     base_scale: float = 1e-3
     init: str | None = None  # start from this operator checkpoint instead of a fresh operator
@@ -178,6 +178,7 @@ ES_PARAMS = {  # which operator weights --es-params perturbs (the rest stay at t
     "all": ("",),
     "readout": ("coord_out.", "head.2."),  # the output layers, reading a fixed random LSTM
     "bias": ("coord_out.bias", "head.2.bias"),  # the output biases: base beta, T, step scale, step magnitude, drift
+    "head-bias": ("head.2.bias",),  # the global head's biases: base beta, T and step scale
 }
 
 
