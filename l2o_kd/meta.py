@@ -127,10 +127,14 @@ class Episode:
         return self.step >= self.length
 
     def batch(self, split: str):
+        """A minibatch drawn with replacement by the episode's generator: (normalized x, y, indices)."""
+        idx = torch.randint(len(self.splits.split(split)[1]), (self.cfg.batch_size,), generator=self.gen)
+        return *self.images(split, idx), idx
+
+    def images(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images ``idx`` of ``split``, normalized, and their labels, on the episode's device."""
         x, y = self.splits.split(split)
-        idx = torch.randint(len(y), (self.cfg.batch_size,), generator=self.gen)
-        xb = (x[idx].to(self.cfg.device).float() - self.mean) / self.std
-        return xb, y[idx].to(self.cfg.device), idx
+        return (x[idx].to(self.cfg.device).float() - self.mean) / self.std, y[idx].to(self.cfg.device)
 
     def snapshot(self) -> dict:
         """Everything needed to continue this episode exactly (for resumable meta-training)."""
@@ -189,11 +193,9 @@ def episode_end_loss(operator: LSTMOperator, ep: Episode, n_val: int, objective:
     while not ep.done:
         train_step(operator, ep)
         ep.detach()
-    x, y = ep.splits.split("val")
-    idx = torch.randperm(len(y), generator=ep.gen)[:n_val]
+    xv, yv = ep.images("val", torch.randperm(len(ep.splits.split("val")[1]), generator=ep.gen)[:n_val])
     with torch.no_grad():
-        xv = (x[idx].to(ep.cfg.device).float() - ep.mean) / ep.std
-        logits, yv = apply(ep.model, ep.params, ep.buffers, xv, train=False), y[idx].to(ep.cfg.device)
+        logits = apply(ep.model, ep.params, ep.buffers, xv, train=False)
         ce = float(F.cross_entropy(logits, yv))
     ep.diverged = not math.isfinite(ce)
     if ep.diverged:
@@ -313,7 +315,8 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         def end_loss(probe: nn.Module) -> float:
             ep = new_episode()  # the same student, initialization and batches for both members of the pair
             loss = episode_end_loss(LSTMOperator(probe), ep, cfg.es_eval, cfg.es_objective)
-            finals.append({**ep.state, "episode_length": ep.length, "diverged": ep.diverged})
+            finals.append({"beta": float(ep.state["beta"]), "temperature": float(ep.state["temperature"]),
+                           "step_scale": float(ep.state["scale"]), "episode_length": ep.length, "diverged": ep.diverged})
             return loss
 
         for _ in range(cfg.pairs):
@@ -326,9 +329,8 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
             p.grad = g / cfg.pairs
         mean = lambda xs: sum(xs) / len(xs)
         return {"loss": mean([sum(pair) / 2 for pair in losses]), "loss_diff": mean([a - b for a, b in losses]),
-                "diverged": sum(st["diverged"] for st in finals),
-                **{k: mean([float(st[k]) for st in finals]) for k in ("beta", "temperature", "episode_length")},
-                "step_scale": mean([float(st["scale"]) for st in finals])}
+                **{k: mean([st[k] for st in finals]) for k in ("beta", "temperature", "step_scale", "episode_length")},
+                "diverged": sum(st["diverged"] for st in finals)}
 
     ep = None
     if cfg.method == "tbptt":

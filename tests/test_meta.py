@@ -24,12 +24,18 @@ def _graph_size(t: torch.Tensor) -> int:
     return len(seen)
 
 
-def test_truncation_detaches_so_the_graph_does_not_grow(teacher_ckpt):
+@pytest.fixture
+def synthetic_episode(teacher_ckpt):
+    """``make(operator, seed, length)``: an episode of ``tiny`` on the synthetic task with the test teacher's logits."""
     splits = load_splits("synthetic")
     logits = teacher_logits(load_model_checkpoint(teacher_ckpt)[0], teacher_ckpt, splits)["train"]
     cfg = MetaConfig(dataset="synthetic", batch_size=32)
+    return lambda op, seed, length: Episode(splits, logits, op, "tiny", seed=seed, length=length, cfg=cfg)
+
+
+def test_truncation_detaches_so_the_graph_does_not_grow(synthetic_episode):
     op = LSTMOperator()
-    ep = Episode(splits, logits, op, "tiny", seed=0, length=100, cfg=cfg)
+    ep = synthetic_episode(op, 0, 100)
     sizes = []
     for _ in range(3):
         loss = unroll(op, ep, 4)
@@ -120,21 +126,15 @@ def test_es_gradient_is_exact_along_its_perturbation_and_unbiased():
     assert not w_est.any() and b_est.any()
 
 
-def test_an_episode_is_deterministic_so_a_pair_differs_only_by_its_perturbation(teacher_ckpt):
-    splits = load_splits("synthetic")
-    logits = teacher_logits(load_model_checkpoint(teacher_ckpt)[0], teacher_ckpt, splits)["train"]
-    cfg = MetaConfig(dataset="synthetic", batch_size=32)
-    make = lambda: Episode(splits, logits, LSTMOperator(), "tiny", seed=3, length=15, cfg=cfg)
+def test_an_episode_is_deterministic_so_a_pair_differs_only_by_its_perturbation(synthetic_episode):
+    make = lambda: synthetic_episode(LSTMOperator(), 3, 15)
     op = LSTMOperator()
     assert meta.episode_end_loss(op, make(), 200) == meta.episode_end_loss(op, make(), 200)
 
 
-def test_es_meta_training_lowers_the_end_of_episode_loss(teacher_ckpt):
+def test_es_meta_training_lowers_the_end_of_episode_loss(synthetic_episode):
     """From an operator whose steps are far too small, ES steps must lower the end-of-episode validation loss."""
-    splits = load_splits("synthetic")
-    logits = teacher_logits(load_model_checkpoint(teacher_ckpt)[0], teacher_ckpt, splits)["train"]
-    cfg = MetaConfig(dataset="synthetic", batch_size=32)
-    make = lambda: Episode(splits, logits, op, "tiny", seed=5, length=40, cfg=cfg)
+    make = lambda: synthetic_episode(op, 5, 40)
     op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4, base_scale=1e-3)))
     end_loss = lambda net: meta.episode_end_loss(LSTMOperator(net), make(), 400)
     before = end_loss(op.net)
@@ -148,11 +148,9 @@ def test_es_meta_training_lowers_the_end_of_episode_loss(teacher_ckpt):
     assert after < before - 0.1, (before, after)
 
 
-def test_es_meta_train_survives_diverging_episodes_and_validations(tmp_path, teacher_ckpt):
-    splits = load_splits("synthetic")
-    logits = teacher_logits(load_model_checkpoint(teacher_ckpt)[0], teacher_ckpt, splits)["train"]
+def test_es_meta_train_survives_diverging_episodes_and_validations(tmp_path, teacher_ckpt, synthetic_episode):
     op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(base_scale=1e30)))  # overflows to inf/NaN in a few steps
-    ep = Episode(splits, logits, op, "tiny", seed=3, length=10, cfg=MetaConfig(dataset="synthetic", batch_size=32))
+    ep = synthetic_episode(op, 3, 10)
     assert meta.episode_end_loss(op, ep, 64) == meta.DIVERGED_LOSS and ep.diverged
     cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny", method="es", curriculum="10", meta_steps=2,
                      validate_every=2, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64, base_scale=1e30,
