@@ -13,6 +13,7 @@ result of one process on the same global batch, up to float rounding.
 
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
 from dataclasses import dataclass
@@ -82,7 +83,18 @@ def from_env(device: str) -> Dist | None:
         device = f"cuda:{local_rank}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        atexit.register(_shutdown)
     return Dist(rank=rank, world=world, device=device)
+
+
+def _shutdown() -> None:
+    """Destroy the process group before the interpreter exits: left to implicit teardown, gloo's
+    threads can abort the process ("terminate called without an active exception", seen in CI)."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001, S110 - a peer already gone; the process is exiting anyway
+            pass
 
 
 class CrossRankBatchNorm2d(nn.BatchNorm2d):
