@@ -163,15 +163,15 @@ def search(method, trials, retrain_seeds, out, **kw):
 @click.option("--es-eval", type=int, default=2000, show_default=True, help="es: validation images of the end-of-episode loss.")
 @click.option("--es-objective", type=click.Choice(["ce", "error"]), default="ce", show_default=True,
               help="es: the end-of-episode validation cross-entropy or error rate.")
-@click.option("--es-params", type=click.Choice(["all", "readout", "bias", "head-bias"]), default="all", show_default=True,
-              help="es: perturb all operator weights, only the output layers, their 5 biases, or the global head's 3 biases "
-                   "(fewer dimensions, less variance).")
+@click.option("--es-params", type=click.Choice(["all", "readout", "bias", "head-bias", "schedule"]), default="all", show_default=True,
+              help="es: perturb all operator weights, only the output layers, their 5 biases, the global head's 3 biases, "
+                   "or those 3 and their slopes in progress (fewer dimensions, less variance).")
 @click.option("--hidden", type=int, default=20, show_default=True)
 @click.option("--base-scale", type=float, default=1e-3, show_default=True)
 @click.option("--init", default=None, help="Start from this operator checkpoint (its config wins over --hidden/--base-scale).")
 @click.option("--validate-every", type=int, default=50, show_default=True)
 @click.option("--val-horizon", type=int, default=300, show_default=True, help="Steps of each meta-validation episode.")
-@click.option("--val-seeds", default="1000,1001", show_default=True)
+@click.option("--val-seeds", default="1000,1001", show_default=True, help="Meta-validation seeds (shared among torchrun ranks).")
 @click.option("--adam-lr", type=float, default=3e-3, show_default=True, help="Learning rate of the reference Adam.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)

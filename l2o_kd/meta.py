@@ -183,6 +183,7 @@ ES_PARAMS = {  # which operator weights --es-params perturbs (the rest stay at t
     "readout": ("coord_out.", "head.2."),  # the output layers, reading a fixed random LSTM
     "bias": ("coord_out.bias", "head.2.bias"),  # the output biases: base beta, T, step scale, step magnitude, drift
     "head-bias": ("head.2.bias",),  # the global head's biases: base beta, T and step scale
+    "schedule": ("head.2.bias", "schedule."),  # those biases and their slopes in progress t/T
 }
 
 
@@ -279,13 +280,14 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     adam_cache: dict = {}
 
     def validate() -> None:
-        """Meta-validation (rank 0); the best operator so far (the initial one included) is kept."""
+        """Meta-validation, its seeds shared among the ranks; the best operator so far (the initial one
+        included) is kept by rank 0."""
         nonlocal best, wall
         wall = time.perf_counter() - t_start
         if dist:
             dist.check_identical(list(net.parameters()), "operator weights")
+        res = meta_validate(operator, cfg, splits, run_dir / "metaval" / f"step{meta_step}", adam_cache, dist)
         if main:
-            res = meta_validate(operator, cfg, splits, run_dir / "metaval" / f"step{meta_step}", adam_cache)
             log.scalars(meta_step, res, "metaval/")
             if res["lstm_val_acc"] > best:
                 best = res["lstm_val_acc"]
@@ -390,24 +392,31 @@ def _out_of_time(cfg: MetaConfig, t_start: float, dist: Dist | None) -> bool:
     return dist.any(late) if dist else late  # all ranks stop together
 
 
-def meta_validate(operator: Operator, cfg: MetaConfig, splits: Splits, out_dir: Path, adam_cache: dict | None = None) -> dict:
+def meta_validate(operator: Operator, cfg: MetaConfig, splits: Splits, out_dir: Path, adam_cache: dict | None = None,
+                  dist: Dist | None = None) -> dict:
     """The operator and the reference Adam on held-out seeds at ``val_horizon`` steps; mean val
-    accuracy of each, a diverged run counting 0 (Adam's runs do not change between validations:
-    ``adam_cache`` keeps them)."""
+    accuracy of each over the seeds, a diverged run counting 0 (Adam's runs do not change between
+    validations: ``adam_cache`` keeps them). Under torchrun each rank runs its share of the seeds."""
     adam_cache = {} if adam_cache is None else adam_cache
-    accs: dict[str, list[float]] = {"lstm": [], "adam": []}
-    for seed in (int(s) for s in cfg.val_seeds.split(",")):
-        for name, op in (("lstm", operator), ("adam", Adam(lr=cfg.adam_lr))):
+    seeds = [int(s) for s in cfg.val_seeds.split(",")]
+    accs = torch.zeros(2, len(seeds), dtype=torch.float64)  # rows: lstm, adam
+    for i, seed in enumerate(seeds):
+        if dist and i % dist.world != dist.rank:
+            continue
+        for row, (name, op) in enumerate((("lstm", operator), ("adam", Adam(lr=cfg.adam_lr)))):
             if name == "adam" and seed in adam_cache:
-                accs[name].append(adam_cache[seed])
+                accs[row, i] = adam_cache[seed]
                 continue
             tc = TrainConfig(model="tiny", dataset=cfg.dataset, teacher=cfg.teacher, operator=name, steps=cfg.val_horizon,
                              batch_size=cfg.batch_size, seed=seed, device=cfg.device, runs_dir=str(out_dir), run_name=f"{name}-s{seed}",
                              progress=False, log_every=10)
             try:
-                accs[name].append(train(tc, splits=splits, operator=op)["val_acc"])
+                accs[row, i] = train(tc, splits=splits, operator=op)["val_acc"]
             except Diverged:  # a diverging operator is a bad operator, not a crash of meta-training
-                accs[name].append(0.0)
+                accs[row, i] = 0.0
             if name == "adam":
-                adam_cache[seed] = accs[name][-1]
-    return {"lstm_val_acc": sum(accs["lstm"]) / len(accs["lstm"]), "adam_val_acc": sum(accs["adam"]) / len(accs["adam"])}
+                adam_cache[seed] = float(accs[row, i])
+    if dist:  # every seed was run by exactly one rank; the others hold zeros there
+        accs = dist.average([accs])[0] * dist.world
+    lstm, adam = accs.mean(1).tolist()
+    return {"lstm_val_acc": lstm, "adam_val_acc": adam, "lstm_val_acc_std": float(accs[0].std()) if len(seeds) > 1 else 0.0}

@@ -56,7 +56,7 @@ def test_torchrun_deploy_equals_one_process_on_the_same_global_batch(tmp_path, t
     assert len(list((tmp_path / "two").glob("events.out.tfevents.*"))) == 1
 
 
-def test_torchrun_meta_train_keeps_the_operator_identical_on_all_ranks(tmp_path, teacher_ckpt):
+def test_torchrun_meta_train_keeps_the_operator_identical_on_all_ranks_and_shares_validation(tmp_path, teacher_ckpt):
     # meta_train compares the operator's weights across ranks at every validation and fails if they differ
     res = _torchrun(
         [
@@ -76,7 +76,7 @@ def test_torchrun_meta_train_keeps_the_operator_identical_on_all_ranks(tmp_path,
             "--val-horizon",
             "5",
             "--val-seeds",
-            "1000",
+            "1000,1001",
             "--batch-size",
             "32",
             "--runs-dir",
@@ -88,7 +88,12 @@ def test_torchrun_meta_train_keeps_the_operator_identical_on_all_ranks(tmp_path,
     assert res.stdout.count("meta_steps") == 1  # one report, from rank 0
     ck = load_checkpoint(tmp_path / "meta" / "meta_checkpoint.pt", kind="operator")
     assert ck["progress"]["meta_step"] == 4 and ck["progress"]["skipped"] == 0
-    assert [r["step"] for r in read_metrics(tmp_path / "meta")] == [0, 2, 4]
+    rows = read_metrics(tmp_path / "meta")
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    for row in rows:  # one seed validated on each rank, both in the logged means
+        for name, step in (("lstm", row["step"]), ("adam", 0)):  # the reference Adam runs once, then comes from a cache
+            per_seed = [read_metrics(tmp_path / "meta" / "metaval" / f"step{step}" / f"{name}-s{s}")[-1]["val_acc"] for s in (1000, 1001)]
+            assert row[f"{name}_val_acc"] == pytest.approx(sum(per_seed) / 2, abs=1e-6)
 
 
 def _bn_worker(rank, init_file, x, out):

@@ -161,7 +161,8 @@ def test_es_meta_train_survives_diverging_episodes_and_validations(tmp_path, tea
     assert all(torch.isfinite(w).all() for w in load_checkpoint(tmp_path / "m" / "meta_checkpoint.pt", kind="operator")["weights"].values())
 
 
-@pytest.mark.parametrize("es_params,moving", [("bias", ("coord_out.bias", "head.2.bias")), ("head-bias", ("head.2.bias",))])
+@pytest.mark.parametrize("es_params,moving", [("bias", ("coord_out.bias", "head.2.bias")), ("head-bias", ("head.2.bias",)),
+                                               ("schedule", ("head.2.bias", "schedule.weight"))])
 def test_es_on_the_biases_continues_a_saved_operator_and_moves_only_its_biases(tmp_path, teacher_ckpt, es_params, moving):
     start = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4)))
     start.save(tmp_path / "start.pt")

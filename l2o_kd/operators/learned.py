@@ -10,8 +10,10 @@ Per coordinate (all coordinates of all tensors form one batch for one fused ``nn
   momentum method, stable at initialization; the LSTM learns corrections to it.
 
 Global head (pooled top LSTM state + progress, log train loss, KD/CE ratio) gives
-``beta_t in (0, 1)``, ``T_t in (1, 20)`` and the step scale. ``kd(state)`` hands (beta_t, T_t) to the
-next training loss, so the operator writes the schedule of the KD hyperparameters.
+``beta_t in (0, 1)``, ``T_t in (1, 20)`` and the step scale; a linear term in progress (``schedule``,
+zero at init) lets each follow a schedule directly, e.g. ``scale_t = exp(b + a * t/T)``. ``kd(state)``
+hands (beta_t, T_t) to the next training loss, so the operator writes the schedule of the KD
+hyperparameters.
 """
 
 from __future__ import annotations
@@ -54,11 +56,13 @@ class LSTMOperatorNet(nn.Module):
         self.lstm = nn.LSTM(cfg.n_inputs, cfg.hidden, num_layers=cfg.layers)
         self.coord_out = nn.Linear(cfg.hidden, 2)  # direction correction, log-magnitude
         self.head = nn.Sequential(nn.Linear(cfg.hidden + 3, cfg.head_hidden), nn.Tanh(), nn.Linear(cfg.head_hidden, 3))
+        self.schedule = nn.Linear(1, 3, bias=False)  # slopes in progress of the head's 3 outputs
         with torch.no_grad():  # small outputs at init: the operator starts as normalized momentum
             self.coord_out.weight.mul_(0.01)
             self.coord_out.bias.zero_()
             self.head[-1].weight.mul_(0.01)
             self.head[-1].bias.zero_()
+            self.schedule.weight.zero_()
         self.register_buffer("beta_bias", torch.tensor(_logit(cfg.beta_init)))
         self.register_buffer("temperature_bias", torch.tensor(_logit((cfg.temperature_init - T_MIN) / (T_MAX - T_MIN))))
 
@@ -117,7 +121,7 @@ class LSTMOperator(Operator):
         loss = float(ctx.loss) if math.isfinite(float(ctx.loss)) else 0.0
         ratio = float(ctx.kd_loss) / (abs(float(ctx.ce_loss)) + 1e-8) if math.isfinite(float(ctx.kd_loss)) else 0.0
         globals_ = torch.tensor([ctx.progress, math.log(max(loss, 1e-8)), math.log1p(max(min(ratio, 1e4), 0.0))], device=g.device, dtype=g.dtype)
-        o = self.net.head(torch.cat([pooled, globals_]))
+        o = self.net.head(torch.cat([pooled, globals_])) + self.net.schedule(globals_[:1])
         scale = torch.exp(o[2].clamp(-5, 5))
         update = self.cfg.base_scale * scale * torch.exp(magnitude) * direction
         new_params = {k: params[k] + u.view_as(params[k]) for k, u in zip(names, update.split(sizes))}
@@ -142,9 +146,11 @@ def load_operator(path, device: str = "cpu") -> LSTMOperator:
     ck = load_checkpoint(path, kind="operator")
     cfg_dict = {k: v for k, v in ck["config"].items() if k != "name"}
     cfg_dict["timescales"] = tuple(cfg_dict.get("timescales", LSTMOperatorConfig.timescales))
+    weights = dict(ck["weights"])
+    weights.setdefault("schedule.weight", torch.zeros(3, 1))  # saved before the schedule term existed: no slope
     try:
         net = LSTMOperatorNet(LSTMOperatorConfig(**cfg_dict))
-        net.load_state_dict(ck["weights"])
+        net.load_state_dict(weights)
     except (TypeError, RuntimeError) as exc:
         raise UserError(f"{path}: operator weights do not fit its config ({str(exc).splitlines()[0]})") from exc
     return LSTMOperator(net.to(device))
