@@ -210,6 +210,7 @@ def meta_train_cmd(threads, resume, no_progress, **kw):
 @click.option("--temperature", type=float, default=4.0, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--schedule", default="constant", show_default=True, help="lr schedule of the classic operators: constant | step | cosine | onecycle.")
 @click.option("--lr", "lr_items", multiple=True, help="Fix a base operator's lr, e.g. --lr sgd=0.1 (not tuned then).")
 @click.option("--tune-lr", type=int, default=0, show_default=True, help="Tune classic lrs over a log grid of N values on validation.")
 @click.option("--tune-steps", type=int, default=1000, show_default=True, help="Length of each tuning run.")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .errors import Diverged, UserError
 from .operators import CLASSIC
+from .operators.schedules import Schedule
 from .plots import finished_runs, plot_comparison
 from .runlog import read_metrics
 from .train import TrainConfig, Trajectory, run_length, train
@@ -83,6 +84,7 @@ class CompareConfig:
     temperature: float = 4.0
     batch_size: int = 128
     momentum: float = 0.9
+    schedule: str = "constant"  # lr schedule of the classic operators (tuning runs included)
     lrs: dict[str, float] = field(default_factory=dict)  # fixed lrs per base operator (skip tuning it)
     tune_lr: int = 0  # grid size; 0: no tuning (DEFAULT_LR or --lr)
     tune_steps: int = 1000  # length of each tuning run (capped by the full run's length)
@@ -100,6 +102,7 @@ class CompareConfig:
         labels = [s.label for s in specs]
         if len(set(labels)) != len(labels):
             raise UserError(f"--operators names an operator twice: {self.operators}")
+        Schedule(self.schedule, step_size=1)  # validates the name
         if self.seeds < 1 or self.tune_lr < 0 or self.evals < 1:
             raise UserError("--seeds and --evals must be positive, --tune-lr non-negative")
         for name, lr in self.lrs.items():
@@ -236,7 +239,7 @@ def render_summary(summary: dict[str, Any], cfg: CompareConfig) -> str:
         f"# compare: {cfg.student} on {cfg.dataset}, {summary['steps']} steps, batch {cfg.batch_size}, "
         f"KD β={cfg.beta:g} T={cfg.temperature:g}",
         "",
-        f"Seeds 0..{cfg.seeds - 1}; learning rates {json.dumps(summary['lrs'])}"
+        f"Seeds 0..{cfg.seeds - 1}; learning rates {json.dumps(summary['lrs'])}, schedule {cfg.schedule}"
         + (
             f" (tuned on validation over {cfg.tune_lr} values, {min(cfg.tune_steps, summary['steps'])} steps, seed 0)"
             if cfg.tune_lr
@@ -286,6 +289,7 @@ def _run_config(
         operator=spec.base,
         lr=lrs.get(spec.base, 1.0),
         momentum=cfg.momentum,
+        schedule=cfg.schedule,
         tune_kd=spec.tune_kd,
         steps=steps,
         batch_size=cfg.batch_size,

@@ -8,6 +8,7 @@ import l2o_kd.compare as compare_mod
 import l2o_kd.train as train_mod
 from l2o_kd.compare import CompareConfig, OperatorSpec, compare, lr_grid, read_results, summarize
 from l2o_kd.errors import UserError
+from l2o_kd.runlog import read_metrics
 
 
 def _cfg(tmp_path, teacher_ckpt, **kw):
@@ -121,6 +122,17 @@ def test_tuning_picks_the_best_validation_lr(tmp_path, teacher_ckpt):
     best = max(lr_grid("sgd", 3), key=lambda lr: scores[f"sgd@{lr:g}"])
     assert summary["lrs"] == {"sgd": best}
     assert summary["operators"]["sgd+greedy"]["base_lr"] == best  # the KD-tuning variant inherits its base's lr
+
+
+def test_the_schedule_reaches_the_classic_operators_and_their_tuning(tmp_path, teacher_ckpt):
+    cfg = _cfg(tmp_path, teacher_ckpt, operators="adam", seeds=1, lrs={}, tune_lr=2, tune_steps=30, schedule="cosine")
+    summary = compare(cfg)
+    lrs = [r["lr"] for r in read_results(tmp_path / "cmp") if r["step"] > 0]  # mean lr of each evaluation interval
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.3 * summary["lrs"]["adam"]  # cosine annealing to 0
+    tuned = read_metrics(tmp_path / "cmp" / "tune" / f"adam-lr{lr_grid('adam', 2)[0]:g}")
+    assert tuned[-1]["lr"] == pytest.approx(0.5 * lr_grid("adam", 2)[0], rel=0.1)  # a cosine's mean, not the constant
+    with pytest.raises(UserError, match="schedule"):
+        CompareConfig(schedule="linear").specs()
 
 
 def test_summary_ignores_unfinished_cells():
