@@ -44,6 +44,7 @@ def _operator(dtype=torch.float64, seed=0):
     with torch.no_grad():  # larger head/coordinate weights than at init, so every path matters
         net.coord_out.weight.normal_(0, 0.3)
         net.head[-1].weight.normal_(0, 0.3)
+        net.schedule.weight.normal_(0, 0.3)
     return LSTMOperator(net)
 
 
@@ -133,6 +134,36 @@ def test_checkpoint_round_trip_reproduces_updates(tmp_path):
             p2, s2, _ = again.step(params, grads, s2, StepContext(step, 10, 1.0, 1.0, 0.5))
         assert all(torch.equal(p1[k], p2[k]) for k in p1)
         params = p1
+
+
+def test_the_schedule_term_sets_the_step_scale_as_a_function_of_progress():
+    model, _ = _problem(torch.float32)
+    op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig()))
+    with torch.no_grad():  # the head reduced to its biases and the linear term in progress
+        op.net.head[-1].weight.zero_()
+        op.net.head[-1].bias.copy_(torch.tensor([0.0, 0.0, 1.2]))
+        op.net.schedule.weight.copy_(torch.tensor([[0.0], [0.0], [-3.0]]))
+    params, _ = split_state(model)
+    state = op.init(params)
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    for step in (0, 50, 100):
+        with torch.no_grad():
+            _, state, info = op.step(params, grads, state, StepContext(step, 100, 1.0, 1.0, 1.0))
+        assert float(info["step_scale"]) == pytest.approx(math.exp(1.2 - 3.0 * step / 100), rel=1e-5)
+        assert float(state["beta"]) == pytest.approx(0.5) and float(state["temperature"]) == pytest.approx(4.0)
+
+
+def test_a_checkpoint_saved_before_the_schedule_term_loads_with_no_slope(tmp_path):
+    from l2o_kd.checkpoint import save_checkpoint
+
+    op = _operator(torch.float32, seed=5)
+    with torch.no_grad():
+        op.net.schedule.weight.zero_()
+    old = {k: v for k, v in op.net.state_dict().items() if not k.startswith("schedule.")}
+    save_checkpoint(tmp_path / "old.pt", "operator", op.config(), operator="lstm", weights=old)
+    again = load_operator(tmp_path / "old.pt")
+    assert torch.equal(again.net.schedule.weight, torch.zeros(3, 1))
+    assert all(torch.equal(a, b) for a, b in zip(again.net.state_dict().values(), op.net.state_dict().values()))
 
 
 def test_wrong_checkpoint_kind_is_refused(tmp_path):
