@@ -6,7 +6,7 @@ step alone, over ``--repeats`` steps after 5 warm-up steps, on random data of ba
 the size of the operator's state; and peak memory: on CUDA the peak allocated memory, on CPU the peak
 resident set of a fresh process that runs only that student and operator for 10 steps.
 
-    python scripts/bench_operators.py [--operators sgd,adam,sgd+greedy,ckpt:checkpoints/operator-lstm-es-schedule.pt] \
+    python scripts/bench_operators.py [--operators sgd,adam,sgd+greedy,ckpt:checkpoints/operator-lstm.pt] \
         [--students tiny,small,resnet8] [--threads 2] [--device cpu] [--append docs/RESULTS.md]
 """
 
@@ -106,7 +106,7 @@ def _bytes(tree) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--operators", default="sgd,adam,sgd+greedy,ckpt:checkpoints/operator-lstm-es-schedule.pt")
+    ap.add_argument("--operators", default="sgd,adam,sgd+greedy,ckpt:checkpoints/operator-lstm.pt")
     ap.add_argument("--students", default="tiny,small,resnet8")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=30)

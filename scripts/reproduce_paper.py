@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=12800)
     ap.add_argument("--extrapolate-after", type=float, default=0.5)
     ap.add_argument("--trials", type=int, default=5, help="tpe: full training runs of the search")
-    ap.add_argument("--operator", default="checkpoints/operator-lstm-es-schedule.pt", help="lstm: the learned operator")
+    ap.add_argument("--operator", default="checkpoints/operator-lstm.pt", help="lstm: the learned operator")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/paper")
     args = ap.parse_args()
