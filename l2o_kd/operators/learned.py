@@ -66,6 +66,10 @@ class LSTMOperatorNet(nn.Module):
         self.register_buffer("beta_bias", torch.tensor(_logit(cfg.beta_init)))
         self.register_buffer("temperature_bias", torch.tensor(_logit((cfg.temperature_init - T_MIN) / (T_MAX - T_MIN))))
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Weights saved before the ``schedule`` term existed keep its zero initialization (no slope)."""
+        return super().load_state_dict({"schedule.weight": self.schedule.weight.detach().clone(), **state_dict}, strict, assign)
+
 
 @dataclass
 class LSTMOperator(Operator):
@@ -146,11 +150,9 @@ def load_operator(path, device: str = "cpu") -> LSTMOperator:
     ck = load_checkpoint(path, kind="operator")
     cfg_dict = {k: v for k, v in ck["config"].items() if k != "name"}
     cfg_dict["timescales"] = tuple(cfg_dict.get("timescales", LSTMOperatorConfig.timescales))
-    weights = dict(ck["weights"])
-    weights.setdefault("schedule.weight", torch.zeros(3, 1))  # saved before the schedule term existed: no slope
     try:
         net = LSTMOperatorNet(LSTMOperatorConfig(**cfg_dict))
-        net.load_state_dict(weights)
+        net.load_state_dict(ck["weights"])
     except (TypeError, RuntimeError) as exc:
         raise UserError(f"{path}: operator weights do not fit its config ({str(exc).splitlines()[0]})") from exc
     return LSTMOperator(net.to(device))
