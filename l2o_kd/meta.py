@@ -251,8 +251,11 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     meta_step, episode_idx, skipped, best, wall = 0, 0, 0, -1.0, 0.0
     if resume and state_path.exists():
         ck = load_checkpoint(state_path, kind="operator")
-        net.load_state_dict(ck["weights"])
-        meta_opt.load_state_dict(ck["meta_optimizer"])
+        try:
+            net.load_state_dict(ck["weights"])
+            meta_opt.load_state_dict(ck["meta_optimizer"])
+        except (RuntimeError, ValueError) as exc:  # another --hidden, or a run saved by an older operator
+            raise UserError(f"{state_path} does not fit this operator ({str(exc).splitlines()[0]}): start a new --run-name") from exc
         meta_step, episode_idx, skipped, best, wall = (ck["progress"][k] for k in ("meta_step", "episode", "skipped", "best_val_acc", "wall_s"))
     log = RunLog(run_dir, {**asdict(cfg), "operator": operator.config()}, resume_step=meta_step, write=main)
     students = cfg.students.split(",")

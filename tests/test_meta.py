@@ -7,6 +7,7 @@ from l2o_kd.checkpoint import load_checkpoint
 from l2o_kd.cli import main
 from l2o_kd.data import load_splits
 from l2o_kd.distill import teacher_logits
+from l2o_kd.errors import UserError
 from l2o_kd.meta import Episode, MetaConfig, es_gradient, meta_train, unroll
 from l2o_kd.operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from l2o_kd.runlog import read_metrics
@@ -81,6 +82,10 @@ def test_meta_train_resumes_and_skips_non_finite_steps(tmp_path, teacher_ckpt, m
     res = meta_train(cfg, resume=True)
     assert res["meta_steps"] == 6 and res["skipped"] == 1
     assert [r["step"] for r in read_metrics(tmp_path / "m")] == [0, 2, 4, 6]
+    cfg.hidden, cfg.meta_steps = 8, 8  # resuming with another operator shape: one clear error, the run intact
+    with pytest.raises(UserError, match="does not fit this operator"):
+        meta_train(cfg, resume=True)
+    assert load_checkpoint(tmp_path / "m" / "meta_checkpoint.pt", kind="operator")["progress"]["meta_step"] == 6
 
 
 @pytest.mark.parametrize("method,estimator", [("tbptt", "unroll"), ("es", "es_gradient")])
