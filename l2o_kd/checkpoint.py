@@ -29,14 +29,23 @@ KINDS = ("model", "operator")
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(obj, buf)
+    _write_atomic(buf.getbuffer(), path)
+
+
+def save_atomic_text(text: str, path: str | Path) -> None:
+    """Write ``text`` to ``path`` atomically (as :func:`save_atomic`)."""
+    _write_atomic(text.encode(), path)
+
+
+def _write_atomic(data, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -256,6 +256,18 @@ def make_synthetic(n_train: int = 2000, n_test: int = 500, num_classes: int = 10
 # Batches
 
 
+class Normalize:
+    """uint8-valued images (any dtype) -> float ``(x / 255 - mean) / std`` per channel: the one
+    normalization of the project (loaders, teacher logits, meta-training episodes)."""
+
+    def __init__(self, mean, std, device: str | torch.device = "cpu"):
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.mean.device).float() - self.mean) / self.std
+
+
 @dataclass
 class Batch:
     x: torch.Tensor  # float, normalized, on the device
@@ -289,8 +301,7 @@ class BatchLoader:
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
         self.device = torch.device(device)
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.normalize = Normalize(mean, std, device)
         self.channels_last = channels_last
 
     def __len__(self) -> int:
@@ -320,7 +331,7 @@ class BatchLoader:
         x = self.x[idx].float()
         if self.augment:
             x = random_crop_flip(x, g)
-        x = (x - self.mean) / self.std
+        x = self.normalize(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return Batch(x, self.y[idx], idx)

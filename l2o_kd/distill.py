@@ -1,4 +1,4 @@
-"""The knowledge-distillation loss and the cache of teacher logits.
+"""The knowledge-distillation loss and its gradients.
 
     L(w; beta, T) = (1 - beta) * CE(s, y) + beta * T^2 * KL(softmax(t / T) || softmax(s / T))
 
@@ -10,15 +10,11 @@ formula above throughout.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import save_atomic
-from .data import Splits, cache_dir
 from .models import apply, frozen
 
 
@@ -83,44 +79,3 @@ def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second
     delta = kd_logit_gradient(s if second_order else s.detach(), teacher, y, beta, temperature)
     grads = torch.autograd.grad(s, list(w.values()), grad_outputs=delta, create_graph=True)
     return dict(zip(w, grads)), float(ce), float(kd)
-
-
-# ----------------------------------------------------------------------------------------------
-# Teacher logits
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, x_uint8: torch.Tensor, mean, std, device="cpu", batch_size: int = 1000) -> torch.Tensor:
-    """Eval-mode logits of ``model`` over uint8 images, in their order."""
-    model = model.to(device).eval()
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-    out = []
-    for i in range(0, len(x_uint8), batch_size):
-        xb = (x_uint8[i : i + batch_size].to(device).float() - m) / s
-        out.append(model(xb).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, 10)
-
-
-def teacher_logits(teacher: torch.nn.Module, teacher_ckpt: str | Path, splits: Splits, device="cpu") -> dict[str, torch.Tensor]:
-    """Logits of the teacher on the un-augmented train/val/test splits, computed once per
-    (teacher checkpoint, dataset) and cached on disk."""
-    digest = hashlib.sha1(Path(teacher_ckpt).read_bytes()).hexdigest()[:12]
-    ds = splits.dataset
-    path = cache_dir() / "teacher_logits" / f"{digest}-{ds.name}-{_fingerprint(splits)}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    logits = {name: predict(teacher, splits.split(name)[0], ds.mean, ds.std, device) for name in ("train", "val", "test")}
-    save_atomic(logits, path)
-    return logits
-
-
-def _fingerprint(splits: Splits) -> str:
-    """Identifies the images of the three splits and their order (labels + a strided sample of pixels)."""
-    h = hashlib.sha1()
-    for name in ("train", "val", "test"):
-        x, y = splits.split(name)
-        h.update(str(len(y)).encode())
-        h.update(y.numpy().tobytes())
-        h.update(x[:: max(1, len(x) // 256)].contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from .data import BatchLoader, load_splits
+from .device import check_device
 from .models import split_state
-from .train import check_device, evaluate, load_model_checkpoint
+from .teacher import load_model_checkpoint
+from .train import evaluate
 
 
 def evaluate_checkpoint(path: str, split: str = "test", data_root: str | None = None, device: str = "cpu") -> dict:

@@ -42,15 +42,17 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_atomic
-from .data import Splits, load_splits
-from .distill import batch_ce, kd_gradient, teacher_logits
+from .data import Normalize, Splits, load_splits
+from .device import check_device
+from .distill import batch_ce, kd_gradient
 from .distributed import Dist
 from .errors import Diverged, UserError
 from .models import apply, build_model, split_state
 from .operators import Adam, Operator, StepContext
 from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from .runlog import RunLog
-from .train import DEFAULT_TEACHER, TrainConfig, check_device, load_model_checkpoint, train
+from .teacher import load_model_checkpoint, teacher_logits, teacher_path
+from .train import TrainConfig, train
 
 
 @dataclass
@@ -118,9 +120,7 @@ class Episode:
         self.step, self.length, self.student, self.seed = 0, length, student, seed
         self.diverged = False
         self.gen = torch.Generator().manual_seed(seed)
-        ds = splits.dataset
-        self.mean = torch.tensor(ds.mean, device=cfg.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(ds.std, device=cfg.device).view(1, 3, 1, 1) * 255
+        self.normalize = Normalize(splits.dataset.mean, splits.dataset.std, cfg.device)
 
     @property
     def done(self) -> bool:
@@ -134,7 +134,7 @@ class Episode:
     def images(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The images ``idx`` of ``split``, normalized, and their labels, on the episode's device."""
         x, y = self.splits.split(split)
-        return (x[idx].to(self.cfg.device).float() - self.mean) / self.std, y[idx].to(self.cfg.device)
+        return self.normalize(x[idx]), y[idx].to(self.cfg.device)
 
     def snapshot(self) -> dict:
         """Everything needed to continue this episode exactly (for resumable meta-training)."""
@@ -238,9 +238,9 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         raise UserError(f"{run_dir} already holds a meta-training run: pass --resume or another --run-name")
     torch.manual_seed(cfg.seed)
     splits = splits or load_splits(cfg.dataset, cfg.data_root)
-    teacher_path = Path(cfg.teacher) if cfg.teacher else DEFAULT_TEACHER
-    teacher, _ = load_model_checkpoint(teacher_path, cfg.device)
-    logits = teacher_logits(teacher, teacher_path, splits, cfg.device)["train"].to(cfg.device)
+    teacher_file = teacher_path(cfg.teacher)
+    teacher, _ = load_model_checkpoint(teacher_file, cfg.device)
+    logits = teacher_logits(teacher, teacher_file, splits, cfg.device, progress=cfg.progress)["train"].to(cfg.device)
 
     if cfg.init:  # continue from a saved operator (its own config wins over --hidden/--base-scale)
         net = load_operator(cfg.init, cfg.device).net

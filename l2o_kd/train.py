@@ -20,15 +20,15 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
 from .data import BatchLoader, Splits, load_splits
-from .distill import kd_terms, teacher_logits
+from .device import check_device, peak_memory_mb
+from .distill import kd_terms
 from .distributed import Dist, cross_rank_batchnorm
 from .errors import Diverged, UserError
 from .hypergrad import Batches
 from .models import MODELS, apply, build_model, split_state
 from .operators import CLASSIC, Operator, Schedule, StepContext, classic_operator, global_norm
 from .runlog import RunLog, read_metrics
-
-DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "checkpoints" / "teacher-resnet20.pt"
+from .teacher import Teacher, teacher_path
 
 
 @dataclass
@@ -109,26 +109,8 @@ def run_length(steps: int | None, epochs: float, n_train: int, batch_size: int) 
     return steps_per_epoch, steps or max(1, round(epochs * steps_per_epoch))
 
 
-def check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked, but CUDA is not available on this machine: use --device cpu")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UserError(f"unknown device {device!r}: use cpu or cuda")
-
-
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
-
-
-def load_model_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """A trained teacher or student (eval mode) and its checkpoint dict."""
-    ck = ckpt_io.load_checkpoint(path, kind="model")
-    model = build_model(ck["model"]).to(device)
-    try:
-        model.load_state_dict({**ck["params"], **ck["buffers"]})
-    except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not fit model {ck['model']!r} ({str(exc).splitlines()[0]})") from exc
-    return model.eval(), ck
 
 
 @torch.no_grad()
@@ -163,28 +145,11 @@ def build_operator(cfg: TrainConfig, steps_per_epoch: int, total_steps: int, dev
     return op
 
 
-class Teacher:
-    """Teacher logits for a training batch: from the cache when batches are not augmented,
-    from a forward pass of the teacher otherwise."""
-
-    def __init__(self, path: str | Path, splits: Splits, augment: bool, device: str):
-        self.model, _ = load_model_checkpoint(path, device)
-        self.augment = augment
-        self.cached = None if augment else teacher_logits(self.model, path, splits, device)["train"].to(device)
-
-    @torch.no_grad()
-    def logits(self, batch) -> torch.Tensor:
-        return self.model(batch.x) if self.augment else self.cached[batch.idx]
-
-
 def resolve_teacher(cfg: TrainConfig, operator: Operator) -> Path | None:
     wants_kd = cfg.beta > 0 or getattr(operator, "chooses_kd", False)
     if not wants_kd:
         return None
-    path = Path(cfg.teacher) if cfg.teacher else DEFAULT_TEACHER
-    if not path.is_file():
-        raise UserError(f"teacher checkpoint not found: {path}; train one with `l2o-kd train-teacher`, pass --teacher CKPT, or use --beta 0")
-    return path
+    return teacher_path(cfg.teacher)
 
 
 def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, dict | None]:
@@ -238,8 +203,8 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
     operator = operator or build_operator(cfg, steps_per_epoch, total_steps, dev)
     if dist and getattr(operator, "needs_batches", False):
         raise UserError("--tune-kd is not supported under torchrun yet: run hypergradient tuning in one process")
-    teacher_path = resolve_teacher(cfg, operator)
-    teacher = Teacher(teacher_path, splits, cfg.augment, dev) if teacher_path else None
+    teacher_file = resolve_teacher(cfg, operator)
+    teacher = Teacher(teacher_file, splits, cfg.augment, dev, progress=cfg.progress and main) if teacher_file else None
     state = operator.init(params)
     step, wall_s = 0, 0.0
     if ck is not None:
@@ -249,7 +214,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
         step, wall_s = ck["train_state"]["step"], ck["train_state"]["wall_s"]
 
     config = {**asdict(cfg), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "operator_config": operator.config(),
-              "teacher_path": str(teacher_path) if teacher_path else None}
+              "teacher_path": str(teacher_file) if teacher_file else None}
     log = RunLog(run_dir, config, resume_step=step, tensorboard=cfg.tensorboard, write=main)
 
     def save(step: int) -> None:
@@ -330,16 +295,6 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
     if not last_row:  # resumed a finished run: report its last row
         last_row = read_metrics(run_dir)[-1]
     return last_row
-
-
-def peak_memory_mb(device: str) -> float:
-    """Peak memory so far: allocated CUDA memory on a GPU; on CPU the peak resident set of the
-    whole process (an upper bound for the run, shared by everything the process did before)."""
-    if device.startswith("cuda"):
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 class Trajectory:

@@ -85,7 +85,7 @@ def test_interrupted_compare_resumes_without_redoing_finished_cells(tmp_path, te
     assert started == ["sgd-s1", "adam-s1"]  # finished cells are not rerun
     resumed = read_results(tmp_path / "cut")
     assert len(resumed) == len(full)  # no row lost or duplicated
-    key = lambda r: (r["operator"], r["seed"], r["step"])  # noqa: E731
+    key = lambda r: (r["operator"], r["seed"], r["step"])
     for a, b in zip(sorted(full, key=key), sorted(resumed, key=key)):
         assert key(a) == key(b)
         assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-6)

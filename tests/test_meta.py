@@ -6,12 +6,11 @@ from l2o_kd import meta
 from l2o_kd.checkpoint import load_checkpoint
 from l2o_kd.cli import main
 from l2o_kd.data import load_splits
-from l2o_kd.distill import teacher_logits
 from l2o_kd.errors import UserError
 from l2o_kd.meta import Episode, MetaConfig, es_gradient, meta_train, unroll
 from l2o_kd.operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from l2o_kd.runlog import read_metrics
-from l2o_kd.train import load_model_checkpoint
+from l2o_kd.teacher import load_model_checkpoint, teacher_logits
 
 
 def _graph_size(t: torch.Tensor) -> int:

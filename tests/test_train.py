@@ -8,11 +8,11 @@ import l2o_kd.train as train_mod
 from l2o_kd.checkpoint import load_checkpoint, save_checkpoint
 from l2o_kd.cli import main
 from l2o_kd.data import load_splits
-from l2o_kd.distill import predict, teacher_logits
 from l2o_kd.errors import UserError
 from l2o_kd.models import build_model
 from l2o_kd.runlog import read_metrics
-from l2o_kd.train import TrainConfig, load_model_checkpoint, train
+from l2o_kd.teacher import DEFAULT_TEACHER, load_model_checkpoint, predict, teacher_logits
+from l2o_kd.train import TrainConfig, train
 
 
 def test_deploy_loss_falls_and_writes_metrics_events_checkpoint(tmp_path, teacher_ckpt):
@@ -89,8 +89,6 @@ def test_cached_teacher_logits_reproduce_teacher_accuracy(teacher_ckpt):
 
 @pytest.mark.real_data
 def test_shipped_teacher_cached_logits_match_its_accuracy(real_cifar):
-    from l2o_kd.train import DEFAULT_TEACHER
-
     splits = load_splits("cifar10", real_cifar)
     model, _ = load_model_checkpoint(DEFAULT_TEACHER)
     val_x, val_y = splits.split("val")

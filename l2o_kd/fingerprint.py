@@ -1,0 +1,53 @@
+"""Fingerprints of the configuration that decides an experiment's results.
+
+A folder that collects results over several invocations (a run resumed with ``--resume``, a
+``compare`` or ``search`` output folder) stores the decisive part of its configuration in
+``fingerprint.json`` the first time; a later invocation whose decisive configuration differs is
+refused with one line naming what differs, so results of two experiments never mix. Files that
+decide results (a teacher, a learned operator) enter by their content digest, not their path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import save_atomic_text
+from .errors import UserError
+
+FILE = "fingerprint.json"
+
+
+def file_digest(path: str | Path | None) -> str | None:
+    """sha256 of a file's bytes (first 16 hex digits); None for no file."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _canonical(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def check_fingerprint(folder: str | Path, decisive: dict[str, Any], what: str) -> None:
+    """Record ``decisive`` in ``folder/fingerprint.json``, or check it against the recorded one.
+
+    Raises UserError naming the first keys that differ; ``what`` names the folder's kind in the
+    message (e.g. "compare folder")."""
+    path = Path(folder) / FILE
+    now = _canonical(decisive)
+    if not path.exists():
+        save_atomic_text(json.dumps(now, indent=2, sort_keys=True) + "\n", path)
+        return
+    then = json.loads(path.read_text())
+    diff = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+    if diff:
+        shown = ", ".join(f"{k} is {now.get(k)!r} but was {then.get(k)!r}" for k in diff[:3])
+        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise UserError(f"{folder} holds a {what} made with another configuration: {shown}{more}; use another output folder")
