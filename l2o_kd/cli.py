@@ -8,24 +8,27 @@ from pathlib import Path
 
 import click
 
+from .config import ES_PARAMS, MetaConfig, TrainConfig
 from .errors import Diverged, UserError
+
+T, M = TrainConfig, MetaConfig  # every default below is the config's own (declared once, in config.py)
 
 
 def training_options(f):
     """Flags shared by every command that trains."""
     options = [
-        click.option("--dataset", default="cifar10", show_default=True, help="cifar10 | synthetic"),
+        click.option("--dataset", default=T.dataset, show_default=True, help="cifar10 | synthetic"),
         click.option("--data-root", default=None, help="CIFAR-10 folder or .tar.gz [default: $L2O_KD_DATA or ~/.cache/l2o_kd/data]"),
         click.option("--download", is_flag=True, help="Download the official CIFAR-10 through torchvision (needs network)."),
         click.option("--epochs", type=float, default=None, help="Training length in epochs."),
         click.option("--steps", type=int, default=None, help="Training length in steps (wins over --epochs)."),
-        click.option("--batch-size", type=int, default=128, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", default="cpu", show_default=True, help="cpu | cuda"),
+        click.option("--batch-size", type=int, default=T.batch_size, show_default=True),
+        click.option("--seed", type=int, default=T.seed, show_default=True),
+        click.option("--device", default=T.device, show_default=True, help="cpu | cuda"),
         click.option("--channels-last", is_flag=True, help="channels_last memory format (faster convolutions on CPU)."),
         click.option("--amp", is_flag=True, help="bf16 autocast for the student's forward/backward (GPUs with bf16; works on CPU)."),
         click.option("--eval-every", type=int, default=None, help="Steps between evaluations and checkpoints [default: one epoch]."),
-        click.option("--runs-dir", default="runs", show_default=True),
+        click.option("--runs-dir", default=T.runs_dir, show_default=True),
         click.option("--run-name", default=None, help="Run folder name under --runs-dir [default: derived from the config]."),
         click.option("--resume", is_flag=True, help="Continue the run in --runs-dir/--run-name from its last checkpoint."),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
@@ -39,12 +42,12 @@ def optimizer_options(lr: float, schedule: str):
     def deco(f):
         options = [
             click.option("--lr", type=float, default=lr, show_default=True, help="Base learning rate."),
-            click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum."),
+            click.option("--momentum", type=float, default=T.momentum, show_default=True, help="SGD momentum."),
             click.option("--nesterov", is_flag=True),
-            click.option("--weight-decay", type=float, default=0.0, show_default=True),
+            click.option("--weight-decay", type=float, default=T.weight_decay, show_default=True),
             click.option("--schedule", default=schedule, show_default=True, help="constant | step | cosine | onecycle"),
-            click.option("--lr-step-epochs", type=float, default=10.0, show_default=True, help="step schedule: period in epochs."),
-            click.option("--lr-gamma", type=float, default=0.5, show_default=True, help="step schedule: factor per period."),
+            click.option("--lr-step-epochs", type=float, default=T.lr_step_epochs, show_default=True, help="step schedule: period in epochs."),
+            click.option("--lr-gamma", type=float, default=T.lr_gamma, show_default=True, help="step schedule: factor per period."),
             click.option("--augment", is_flag=True, help="Random crop (pad 4) and horizontal flip."),
             click.option("--train-subset", type=int, default=None, help="Train on this many images only (e.g. 12800)."),
         ]
@@ -55,12 +58,19 @@ def optimizer_options(lr: float, schedule: str):
     return deco
 
 
-def _train_config(kw: dict, **fixed):
-    from .train import TrainConfig
+# Flags a learned operator decides for itself: given with --optimizer they would be silently ignored.
+LEARNED_DECIDES = ("operator", "lr", "momentum", "nesterov", "weight_decay", "schedule", "beta", "temperature", "tune_kd")
 
+
+def _train_config(kw: dict, **fixed):
     kw = dict(kw)
     learned = kw.pop("optimizer_ckpt", None)
     if learned:  # a learned operator replaces --operator
+        ctx = click.get_current_context()
+        given = [k for k in LEARNED_DECIDES if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise UserError(f"--optimizer {learned} chooses its own steps and (beta, T): drop {flags}")
         kw["operator"] = learned
     resume = kw.pop("resume")
     kw["progress"] = not kw.pop("no_progress")
@@ -95,20 +105,20 @@ def train_teacher(**kw):
 def student_options(f):
     """What a distillation run is: student, operator, teacher, KD and its hypergradient tuning."""
     options = [
-        click.option("--student", "model", default="tiny", show_default=True, help="tiny | tiny_wide | small | resnet8"),
-        click.option("--operator", default="sgd", show_default=True, help="sgd | adam | adamw"),
+        click.option("--student", "model", default=T.model, show_default=True, help="tiny | tiny_wide | small | resnet8"),
+        click.option("--operator", default=T.operator, show_default=True, help="sgd | adam | adamw"),
         click.option("--optimizer", "optimizer_ckpt", default=None, help="A learned-operator checkpoint (replaces --operator)."),
         click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt]."),
-        click.option("--beta", type=float, default=0.5, show_default=True, help="Weight of the KD term, in [0, 1]; 0 = no KD."),
-        click.option("--temperature", type=float, default=4.0, show_default=True),
+        click.option("--beta", type=float, default=T.beta, show_default=True, help="Weight of the KD term, in [0, 1]; 0 = no KD."),
+        click.option("--temperature", type=float, default=T.temperature, show_default=True),
         click.option("--tune-kd", default=None, help="greedy | unrolled | extrapolate: move (beta, T) by validation hypergradients."),
-        click.option("--hyper-lr", type=float, default=0.25, show_default=True),
-        click.option("--hyper-clip", type=float, default=0.01, show_default=True, help="Hypergradient norm clip."),
-        click.option("--hyper-every", type=int, default=1, show_default=True, help="Steps between hyper-steps."),
-        click.option("--hyper-unroll", type=int, default=3, show_default=True, help="unrolled: steps differentiated through."),
-        click.option("--extrapolate-after", type=float, default=0.5, show_default=True, help="extrapolate: fraction of the run in the greedy phase."),
+        click.option("--hyper-lr", type=float, default=T.hyper_lr, show_default=True),
+        click.option("--hyper-clip", type=float, default=T.hyper_clip, show_default=True, help="Hypergradient norm clip."),
+        click.option("--hyper-every", type=int, default=T.hyper_every, show_default=True, help="Steps between hyper-steps."),
+        click.option("--hyper-unroll", type=int, default=T.hyper_unroll, show_default=True, help="unrolled: steps differentiated through."),
+        click.option("--extrapolate-after", type=float, default=T.extrapolate_after, show_default=True, help="extrapolate: fraction of the run in the greedy phase."),
     ]
-    f = optimizer_options(lr=0.1, schedule="constant")(training_options(f))
+    f = optimizer_options(lr=T.lr, schedule=T.schedule)(training_options(f))
     for option in reversed(options):
         f = option(f)
     return f
@@ -144,40 +154,40 @@ def search(method, trials, retrain_seeds, out, **kw):
 
 
 @cli.command("meta-train")
-@click.option("--dataset", default="cifar10", show_default=True)
+@click.option("--dataset", default=M.dataset, show_default=True)
 @click.option("--data-root", default=None)
 @click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt].")
-@click.option("--students", default="tiny,tiny_wide", show_default=True, help="Comma-separated student family of the episodes.")
-@click.option("--method", type=click.Choice(["tbptt", "es"]), default="tbptt", show_default=True,
+@click.option("--students", default=M.students, show_default=True, help="Comma-separated student family of the episodes.")
+@click.option("--method", type=click.Choice(["tbptt", "es"]), default=M.method, show_default=True,
               help="Meta-gradient: truncated backprop through unrolls, or antithetic ES on end-of-episode val loss.")
-@click.option("--unroll", type=int, default=20, show_default=True, help="tbptt: steps per truncated unroll (K).")
-@click.option("--curriculum", default="100,300,1000", show_default=True, help="Episode lengths, each for an equal share of the budget.")
-@click.option("--meta-steps", type=int, default=300, show_default=True, help="Budget in meta-steps.")
+@click.option("--unroll", type=int, default=M.unroll, show_default=True, help="tbptt: steps per truncated unroll (K).")
+@click.option("--curriculum", default=M.curriculum, show_default=True, help="Episode lengths, each for an equal share of the budget.")
+@click.option("--meta-steps", type=int, default=M.meta_steps, show_default=True, help="Budget in meta-steps.")
 @click.option("--minutes", type=float, default=None, help="Budget in wall-clock minutes (whichever ends first).")
-@click.option("--meta-lr", type=float, default=1e-3, show_default=True)
-@click.option("--clip", type=float, default=1.0, show_default=True, help="Meta-gradient norm clip.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--meta-lr", type=float, default=M.meta_lr, show_default=True)
+@click.option("--clip", type=float, default=M.clip, show_default=True, help="Meta-gradient norm clip.")
+@click.option("--batch-size", type=int, default=M.batch_size, show_default=True)
 @click.option("--second-order", is_flag=True, help="tbptt: differentiate through the student's gradients too (dearer).")
-@click.option("--sigma", type=float, default=0.02, show_default=True, help="es: std of the perturbations of the operator's weights.")
-@click.option("--pairs", type=int, default=1, show_default=True, help="es: antithetic pairs (2 whole episodes each) per meta-step and rank.")
-@click.option("--es-eval", type=int, default=2000, show_default=True, help="es: validation images of the end-of-episode loss.")
-@click.option("--es-objective", type=click.Choice(["ce", "error"]), default="ce", show_default=True,
+@click.option("--sigma", type=float, default=M.sigma, show_default=True, help="es: std of the perturbations of the operator's weights.")
+@click.option("--pairs", type=int, default=M.pairs, show_default=True, help="es: antithetic pairs (2 whole episodes each) per meta-step and rank.")
+@click.option("--es-eval", type=int, default=M.es_eval, show_default=True, help="es: validation images of the end-of-episode loss.")
+@click.option("--es-objective", type=click.Choice(["ce", "error"]), default=M.es_objective, show_default=True,
               help="es: the end-of-episode validation cross-entropy or error rate.")
-@click.option("--es-params", type=click.Choice(["all", "readout", "bias", "head-bias", "schedule"]), default="all", show_default=True,
+@click.option("--es-params", type=click.Choice(list(ES_PARAMS)), default=M.es_params, show_default=True,
               help="es: perturb all operator weights, only the output layers, their 5 biases, the global head's 3 biases, "
                    "or those 3 and their slopes in progress (fewer dimensions, less variance).")
-@click.option("--hidden", type=int, default=20, show_default=True)
-@click.option("--base-scale", type=float, default=1e-3, show_default=True)
+@click.option("--hidden", type=int, default=M.hidden, show_default=True)
+@click.option("--base-scale", type=float, default=M.base_scale, show_default=True)
 @click.option("--init", default=None, help="Start from this operator checkpoint (its config wins over --hidden/--base-scale).")
-@click.option("--validate-every", type=int, default=50, show_default=True)
-@click.option("--val-horizon", type=int, default=300, show_default=True, help="Steps of each meta-validation episode.")
-@click.option("--val-seeds", default="1000,1001", show_default=True, help="Meta-validation seeds (shared among torchrun ranks).")
-@click.option("--adam-lr", type=float, default=3e-3, show_default=True, help="Learning rate of the reference Adam.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--validate-every", type=int, default=M.validate_every, show_default=True)
+@click.option("--val-horizon", type=int, default=M.val_horizon, show_default=True, help="Steps of each meta-validation episode.")
+@click.option("--val-seeds", default=M.val_seeds, show_default=True, help="Meta-validation seeds (shared among torchrun ranks).")
+@click.option("--adam-lr", type=float, default=M.adam_lr, show_default=True, help="Learning rate of the reference Adam.")
+@click.option("--seed", type=int, default=M.seed, show_default=True)
+@click.option("--device", default=M.device, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch intra-op threads [default: all cores].")
-@click.option("--runs-dir", default="runs", show_default=True)
-@click.option("--run-name", default="meta", show_default=True)
+@click.option("--runs-dir", default=M.runs_dir, show_default=True)
+@click.option("--run-name", default=M.run_name, show_default=True)
 @click.option("--out", default=None, help="Where the best operator goes [default: <run dir>/operator-best.pt].")
 @click.option("--resume", is_flag=True)
 @click.option("--no-progress", is_flag=True)

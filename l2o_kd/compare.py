@@ -4,14 +4,20 @@
    before anything runs.
 2. ``--tune-lr N``: each classic base operator (``sgd``, ``adam``, ``adamw``) gets its learning rate
    from a log grid of N values around its default, scored by **validation** accuracy after
-   ``tune_steps`` steps on seed 0. A KD-tuning variant (``sgd+greedy``) uses the lr tuned for its
-   base, so the comparison isolates what tuning (β, T) adds.
-3. Run every cell (operator × seed) through :func:`l2o_kd.train.train`: the same initialization and
-   data order per seed, the same teacher and number of steps for every operator. A cell's evaluation
-   rows go to ``results.jsonl`` when it finishes; rerunning skips finished cells and resumes an
-   interrupted one from its checkpoint; a crashing cell is reported in ``failures.jsonl`` and the
-   others go on.
+   ``tune_steps`` steps on the tuning seed ``seeds.tuning_seed(0)``, never a reported seed. A
+   KD-tuning variant (``sgd+greedy``) uses the lr tuned for its base, so the comparison isolates what
+   tuning (β, T) adds.
+3. Run every cell (operator × seed, seeds 0..N-1 within ``seeds.EVAL``) through
+   :func:`l2o_kd.train.train`: the same initialization and data order per seed, the same teacher and
+   number of steps for every operator. A cell's evaluation rows go to ``results.jsonl`` when it
+   finishes; rerunning skips finished cells and resumes an interrupted one from its checkpoint; a
+   crashing cell is reported in ``failures.jsonl`` and the others go on.
 4. ``summary.md`` (numbers recomputed from ``results.jsonl`` by :func:`summarize`) and the plots.
+
+A rerun in the same folder may add operators or seeds, but nothing that changes a cell's result:
+the decisive configuration (:func:`decisive_config`) is fingerprinted in ``fingerprint.json`` and the
+weights of each learned operator in ``learned_operators.json``; a rerun that differs is refused before
+anything runs, so one folder never mixes the results of two experiments.
 """
 
 from __future__ import annotations
@@ -27,16 +33,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from . import seeds as seed_ranges
+from .checkpoint import save_atomic_text
 from .errors import Diverged, UserError
+from .fingerprint import check_fingerprint, file_digest
 from .operators import CLASSIC
 from .operators.schedules import Schedule
 from .plots import finished_runs, plot_comparison
 from .runlog import read_metrics
+from .teacher import teacher_path
 from .train import TrainConfig, Trajectory, run_length, train
 
 DEFAULT_LR = {"sgd": 0.03, "adam": 3e-3, "adamw": 3e-3}  # tuned on validation for `tiny` with KD (docs/RESULTS.md)
 TUNE_KD = ("greedy", "unrolled", "extrapolate")
 RESULTS, FAILURES, SUMMARY, TUNING = "results.jsonl", "failures.jsonl", "summary.md", "tuning.json"
+LEARNED = "learned_operators.json"  # {label: content digest} of the learned operators a folder ran
+TUNE_SEED = seed_ranges.tuning_seed(0)  # the student of every lr-tuning run
+# CompareConfig fields that decide a cell's result (with the resolved steps and the teacher's digest)
+DECISIVE = ("student", "dataset", "beta", "temperature", "batch_size", "momentum", "schedule", "lrs", "tune_lr", "tune_steps", "evals")
 
 
 @dataclass(frozen=True)
@@ -105,6 +119,7 @@ class CompareConfig:
         Schedule(self.schedule, step_size=1)  # validates the name
         if self.seeds < 1 or self.tune_lr < 0 or self.evals < 1:
             raise UserError("--seeds and --evals must be positive, --tune-lr non-negative")
+        seed_ranges.check(range(self.seeds), "evaluation", "--seeds")
         for name, lr in self.lrs.items():
             if name not in CLASSIC or not lr > 0:
                 raise UserError(f"--lr {name}={lr}: give a positive lr for one of {', '.join(CLASSIC)}")
@@ -116,11 +131,13 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     specs = cfg.specs()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     from .data import load_splits
 
     splits = load_splits(cfg.dataset, cfg.data_root, cfg.download)
     _, steps = run_length(cfg.steps, cfg.epochs, len(splits.train_y), cfg.batch_size)
+    check_fingerprint(out, decisive_config(cfg, steps), "compare folder")
+    check_learned_operators(out, specs)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     lrs = tune_learning_rates(cfg, specs, splits, steps)
 
     done = {(r["operator"], r["seed"]) for r in read_results(out) if r.get("final")}
@@ -154,6 +171,42 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Integrity of a folder over reruns
+
+
+def decisive_config(cfg: CompareConfig, steps: int) -> dict[str, Any]:
+    """What decides a cell's result besides its operator and seed: the :data:`DECISIVE` fields, the
+    resolved run length ``steps`` and the teacher by content. Operators and seeds are left out
+    (a rerun may add some), and so are the target, device, progress, output and trajectory points."""
+    return {**{k: getattr(cfg, k) for k in DECISIVE}, "steps": steps, "teacher": teacher_digest(cfg.teacher)}
+
+
+def teacher_digest(teacher: str | None) -> str | None:
+    """Content digest of the teacher file ``teacher`` resolves to (the shipped one when None), or
+    None when there is no such file: runs without KD need none, and those with KD fail on their own."""
+    try:
+        return file_digest(teacher_path(teacher))
+    except UserError:
+        return None
+
+
+def check_learned_operators(out: Path, specs: list[OperatorSpec]) -> None:
+    """Refuse a learned operator whose checkpoint has other bytes than the one under the same label
+    that ``out`` already ran; record the digests of newly added ones in ``out/learned_operators.json``
+    (apart from ``fingerprint.json``, because operators may be added between reruns)."""
+    path = out / LEARNED
+    then = json.loads(path.read_text()) if path.exists() else {}
+    files = {s.label: s.base for s in specs if s.learned}
+    now = {label: file_digest(f) for label, f in files.items()}
+    for label in sorted(now.keys() & then.keys()):
+        if now[label] != then[label]:
+            raise UserError(f"{out} holds results of another learned operator {label!r}: {files[label]} has changed "
+                            f"(digest {now[label]} but was {then[label]}); use another output folder")
+    if now.keys() - then.keys():
+        save_atomic_text(json.dumps({**then, **now}, indent=2, sort_keys=True) + "\n", path)
+
+
+# ----------------------------------------------------------------------------------------------
 # Learning-rate tuning
 
 
@@ -165,7 +218,8 @@ def lr_grid(base: str, n: int) -> list[float]:
 
 
 def tune_learning_rates(cfg: CompareConfig, specs: list[OperatorSpec], splits, steps: int) -> dict[str, float]:
-    """The lr of each classic base operator: fixed (``cfg.lrs``), default, or tuned on validation."""
+    """The lr of each classic base operator: fixed (``cfg.lrs``), default, or tuned on validation
+    with the student of :data:`TUNE_SEED`, a seed no cell reports."""
     bases = sorted({s.base for s in specs if not s.learned})
     lrs = {b: cfg.lrs.get(b, DEFAULT_LR[b]) for b in bases}
     to_tune = [b for b in bases if b not in cfg.lrs] if cfg.tune_lr else []
@@ -179,7 +233,7 @@ def tune_learning_rates(cfg: CompareConfig, specs: list[OperatorSpec], splits, s
         key = f"{base}@{lr:g}"
         if key not in scores:
             spec = OperatorSpec(label=base, base=base)
-            run_cfg = _run_config(cfg, spec, 0, tune_steps, {base: lr}, Path(cfg.out) / "tune", evals=1, name=f"{base}-lr{lr:g}")
+            run_cfg = _run_config(cfg, spec, TUNE_SEED, tune_steps, {base: lr}, Path(cfg.out) / "tune", evals=1, name=f"{base}-lr{lr:g}")
             try:
                 scores[key] = train(run_cfg, resume=True, splits=splits)["val_acc"]
             except Diverged:
@@ -241,7 +295,7 @@ def render_summary(summary: dict[str, Any], cfg: CompareConfig) -> str:
         "",
         f"Seeds 0..{cfg.seeds - 1}; learning rates {json.dumps(summary['lrs'])}, schedule {cfg.schedule}"
         + (
-            f" (tuned on validation over {cfg.tune_lr} values, {min(cfg.tune_steps, summary['steps'])} steps, seed 0)"
+            f" (tuned on validation over {cfg.tune_lr} values, {min(cfg.tune_steps, summary['steps'])} steps, seed {TUNE_SEED})"
             if cfg.tune_lr
             else ""
         ),

@@ -3,8 +3,13 @@ Bakhteev, Strijov), wrapped around any classic operator so it plugs into the sam
 
 * ``greedy``: every ``every`` steps, ``h <- P(h - gamma * clip(dL_val(Phi(w, g(w; h))) / dh))``, the
   one-step hypergradient, exact by autograd;
-* ``unrolled``: the same through the last ``unroll`` training steps (replayed from a snapshot of
-  the weights, second order, so exact for that window);
+* ``unrolled``: the same through the last ``unroll`` training steps. Each stored step keeps the
+  weights, operator state, batch and the (beta, T) = h_t it really used; the window is replayed
+  from its first snapshot with h_t + delta at step t, and the hypergradient is dL_val / d delta at
+  delta = 0 (= sum_t dL_val / dh_t), the derivative of the validation loss w.r.t. a shift of h held
+  over the whole window. At delta = 0 the replay reproduces the real steps (up to rounding: it
+  recomputes the gradients in logit space, in the weights' dtype), so the hypergradient is exact
+  (second order through the window) whatever h did inside the window;
 * ``extrapolate``: ``greedy`` for the first ``switch`` steps while a least-squares line is fitted to
   the trajectory of h, then h follows the line (projected) with no more hypergradients.
 
@@ -80,13 +85,14 @@ class HyperKD(Operator):
         new_params, inner_state, info = self.inner.step(params, grads, state["inner"], ctx)
         window = state["window"]
         if self.method == "unrolled":
-            window = (window + [{"params": params, "inner": state["inner"], "x": b.x, "y": b.y, "t": b.teacher, "step": ctx.step}])[-self.unroll:]
+            entry = {"params": params, "inner": state["inner"], "x": b.x, "y": b.y, "t": b.teacher, "h": h, "step": ctx.step}
+            window = (window + [entry])[-self.unroll:]
         if extrapolating:
             h = project(line_at(state["fit"], ctx.step + 1).to(h))
         elif (ctx.step + 1) % self.every == 0 and (self.method != "unrolled" or len(window) == self.unroll):
             with torch.enable_grad():
                 if self.method == "unrolled":
-                    dh = self.unrolled_hypergradient(h, window, b, ctx)
+                    dh = self.unrolled_hypergradient(window, b, ctx)
                 else:
                     dh = self.greedy_hypergradient(h, params, grads, state["inner"], b, ctx)
             norm = dh.norm()
@@ -118,18 +124,28 @@ class HyperKD(Operator):
         (dh,) = torch.autograd.grad(delta, h, grad_outputs=ja)
         return dh
 
-    def unrolled_hypergradient(self, h, window: list, b: Batches, ctx: StepContext) -> torch.Tensor:
-        """dL_val / dh through the stored window of training steps, replayed exactly (second order)."""
-        h = h.detach().requires_grad_(True)
+    def unrolled_hypergradient(self, window: list, b: Batches, ctx: StepContext) -> torch.Tensor:
+        """dL_val / d delta at delta = 0, where the window of stored steps is replayed with
+        (beta, T) = h_t + delta at step t (h_t: the value that step really used), i.e. the derivative
+        of the validation loss after the window w.r.t. a common shift of every step's h. The replay
+        reproduces the real steps at delta = 0 and is differentiated through (second order). The
+        caller applies dh to the current h, which may differ from every h_t in the window."""
+        delta = torch.zeros_like(window[0]["h"], requires_grad=True)
+        p = self.replay(window, b, ctx, delta)
+        xv, yv = b.val_batch()
+        (dh,) = torch.autograd.grad(batch_ce(b.model, p, b.buffers, xv, yv), delta)
+        return dh
+
+    def replay(self, window: list, b: Batches, ctx: StepContext, delta: torch.Tensor) -> Params:
+        """The weights after the stored steps, replayed from the first snapshot with h_t + delta at
+        step t, differentiable in ``delta`` (and through the weights: second order)."""
         p = {k: v.detach().requires_grad_(True) for k, v in window[0]["params"].items()}
         s = window[0]["inner"]
         for st in window:
+            h = st["h"] + delta
             g = kd_gradient(b.model, p, frozen(b.buffers), st["x"], st["y"], st["t"], h[0], h[1], second_order=True)[0]
             p, s, _ = self.inner.step(p, g, s, StepContext(st["step"], ctx.total_steps))
-        xv, yv = b.val_batch()
-        val = batch_ce(b.model, p, b.buffers, xv, yv)
-        (dh,) = torch.autograd.grad(val, h)
-        return dh
+        return p
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "inner": self.inner.config(), "method": self.method, "beta0": self.h0[0], "temperature0": self.h0[1],

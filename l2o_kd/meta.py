@@ -33,7 +33,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -42,8 +42,8 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_atomic
+from .config import ES_PARAMS, MetaConfig, TrainConfig
 from .data import Normalize, Splits, load_splits
-from .device import check_device
 from .distill import batch_ce, kd_gradient
 from .distributed import Dist
 from .errors import Diverged, UserError
@@ -52,61 +52,7 @@ from .operators import Adam, Operator, StepContext
 from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from .runlog import RunLog
 from .teacher import load_model_checkpoint, teacher_logits, teacher_path
-from .train import TrainConfig, train
-
-
-@dataclass
-class MetaConfig:
-    dataset: str = "cifar10"
-    data_root: str | None = None
-    teacher: str | None = None
-    students: str = "tiny,tiny_wide"
-    method: str = "tbptt"  # tbptt | es
-    unroll: int = 20
-    curriculum: str = "100,300,1000"  # episode lengths, each used for an equal share of the budget
-    meta_steps: int = 300
-    minutes: float | None = None  # wall-clock budget; wins over meta_steps when reached first
-    meta_lr: float = 1e-3
-    clip: float = 1.0
-    batch_size: int = 128
-    second_order: bool = False
-    sigma: float = 0.02  # es: standard deviation of the perturbations of phi
-    pairs: int = 1  # es: antithetic pairs per meta-step (per rank under torchrun)
-    es_eval: int = 2000  # es: validation images of the end-of-episode loss
-    es_objective: str = "ce"  # es: end-of-episode validation "ce" or "error" (ES needs no gradient of it)
-    es_params: str = "all"  # es: a key of ES_PARAMS
-    hidden: int = 20
-    base_scale: float = 1e-3
-    init: str | None = None  # start from this operator checkpoint instead of a fresh operator
-    validate_every: int = 50
-    val_horizon: int = 300
-    val_seeds: str = "1000,1001"
-    adam_lr: float = 3e-3  # the reference Adam of meta-validation
-    seed: int = 0
-    device: str = "cpu"
-    runs_dir: str = "runs"
-    run_name: str = "meta"
-    out: str | None = None  # copy of the best operator [default: <run dir>/operator-best.pt]
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.unroll < 1 or self.meta_steps < 1 or self.validate_every < 1:
-            raise UserError("--unroll, --meta-steps and --validate-every must be positive")
-        if not self.meta_lr > 0:
-            raise UserError(f"--meta-lr must be positive, got {self.meta_lr}")
-        if self.method not in ("tbptt", "es"):
-            raise UserError(f"--method must be tbptt or es, got {self.method!r}")
-        if self.method == "es" and not (self.sigma > 0 and self.pairs >= 1 and self.es_eval >= 1):
-            raise UserError("--sigma, --pairs and --es-eval must be positive")
-        if self.es_objective not in ("ce", "error") or self.es_params not in ES_PARAMS:
-            raise UserError(f"--es-objective must be ce or error, --es-params one of {', '.join(ES_PARAMS)}")
-        for s in self.students.split(","):
-            build_model(s)
-        check_device(self.device)
-
-    @property
-    def lengths(self) -> list[int]:
-        return [int(x) for x in self.curriculum.split(",")]
+from .train import train
 
 
 class Episode:
@@ -178,13 +124,6 @@ def unroll(operator: LSTMOperator, ep: Episode, k: int) -> torch.Tensor:
 
 
 DIVERGED_LOSS = 10.0  # end-of-episode loss counted for a diverged episode (chance is ln 10 = 2.3)
-ES_PARAMS = {  # which operator weights --es-params perturbs (the rest stay at their initialization)
-    "all": ("",),
-    "readout": ("coord_out.", "head.2."),  # the output layers, reading a fixed random LSTM
-    "bias": ("coord_out.bias", "head.2.bias"),  # the output biases: base beta, T, step scale, step magnitude, drift
-    "head-bias": ("head.2.bias",),  # the global head's biases: base beta, T and step scale
-    "schedule": ("head.2.bias", "schedule."),  # those biases and their slopes in progress t/T
-}
 
 
 def episode_end_loss(operator: LSTMOperator, ep: Episode, n_val: int, objective: str = "ce") -> float:

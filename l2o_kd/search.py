@@ -1,12 +1,15 @@
 """``l2o-kd search``: black-box search of the KD hyperparameters (β, T), the baseline the paper
 compares hypergradients against.
 
-Each of ``trials`` trials is a full training run (seed ``cfg.seed``, so trials differ only in β and T)
-scored by its final **validation** accuracy; β is drawn from U(0, 1) and log10 T from U(-1, 1), by
-plain random sampling or by Optuna's TPE. The best (β, T) is then retrained on ``retrain_seeds`` and
-those runs' test accuracies are the result. Trials and retrains are run folders resumed on rerun;
-``trials.jsonl`` lists the finished trials and TPE is re-told them, so an interrupted search goes on
-where it stopped.
+Each of ``trials`` trials is a full training run scored by its final **validation** accuracy; trials
+are tuning runs, so their student is the tuning seed ``seeds.tuning_seed(seed)``, never a reported
+one, and trials differ only in β and T. β is drawn from U(0, 1) and log10 T from U(-1, 1), by plain
+random sampling or by Optuna's TPE. The best (β, T) is then retrained on ``retrain_seeds`` (within
+``seeds.EVAL``, in ``best/trial-<i>-s<seed>``) and those runs' test accuracies are the result.
+Trials and retrains are run folders resumed on rerun; ``trials.jsonl`` lists the finished trials and
+TPE is re-told them, so an interrupted search goes on where it stopped. A rerun may raise ``trials``
+or add retrain seeds, but the configuration that decides the results (:func:`decisive_config`) is
+fingerprinted in the output folder and a rerun that changes it is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -15,17 +18,24 @@ import json
 import math
 import random
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from . import seeds as seed_ranges
+from .compare import teacher_digest
 from .errors import UserError
+from .fingerprint import check_fingerprint
 from .train import TrainConfig, train
 
 METHODS = ("random", "tpe")
 BETA, LOG10_T = (0.0, 1.0), (-1.0, 1.0)
+# TrainConfig fields that do not decide a result: where and how a run is logged, run and found,
+# and the (beta, T) that every trial replaces by its own
+NOT_DECISIVE = {"runs_dir", "run_name", "progress", "tensorboard", "device", "eval_every", "log_every", "hist_every",
+                "trajectory_every", "eval_at_start", "data_root", "download", "beta", "temperature"}
 
 
 @dataclass
@@ -41,9 +51,11 @@ class SearchConfig:
         if self.trials < 1:
             raise UserError("--trials must be positive")
         try:
-            return [int(s) for s in self.retrain_seeds.split(",") if s.strip()]
+            seeds = [int(s) for s in self.retrain_seeds.split(",") if s.strip()]
         except ValueError:
             raise UserError(f"--retrain-seeds must be comma-separated integers, got {self.retrain_seeds!r}") from None
+        seed_ranges.check(seeds, "evaluation", "--retrain-seeds")
+        return seeds
 
 
 def search(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
@@ -54,17 +66,20 @@ def search(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
         raise UserError("search picks fixed (beta, T): drop --tune-kd")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_fingerprint(out, decisive_config(cfg, base), "search folder")
     (out / "config.json").write_text(json.dumps({"search": asdict(cfg), "train": asdict(base)}, indent=2) + "\n")
     from .data import load_splits
 
     splits = load_splits(base.dataset, base.data_root, base.download)
     done = _read(out / "trials.jsonl")
     sampler = _sampler(cfg.method, base.seed, done)
+    trial_seed = seed_ranges.tuning_seed(base.seed)
     for i in tqdm(range(cfg.trials), desc=f"{cfg.method} search", disable=not base.progress, dynamic_ncols=True):
         if i < len(done):
             continue
         beta, temperature = sampler.ask()
-        run = replace(base, beta=beta, temperature=temperature, runs_dir=str(out / "trials"), run_name=f"trial-{i}", progress=False)
+        run = replace(base, beta=beta, temperature=temperature, seed=trial_seed, runs_dir=str(out / "trials"), run_name=f"trial-{i}",
+                      progress=False)
         row = train(run, resume=True, splits=splits)
         trial = {"trial": i, "beta": beta, "temperature": temperature, "val_acc": row["val_acc"], "test_acc": row["test_acc"]}
         sampler.tell(trial)
@@ -76,7 +91,8 @@ def search(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
     finals = []
     for seed in seeds:
         run = replace(
-            base, beta=best["beta"], temperature=best["temperature"], seed=seed, runs_dir=str(out / "best"), run_name=f"best-s{seed}"
+            base, beta=best["beta"], temperature=best["temperature"], seed=seed, runs_dir=str(out / "best"),
+            run_name=f"trial-{best['trial']}-s{seed}",  # more trials may find another best: its own retrains
         )
         finals.append(train(run, resume=True, splits=splits))
     tests = [r["test_acc"] for r in finals]
@@ -91,6 +107,14 @@ def search(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def decisive_config(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
+    """What decides a search's results: the method and the fields of ``base`` outside
+    :data:`NOT_DECISIVE`, with the teacher by content. ``trials`` and ``retrain_seeds`` are left out
+    (a rerun may add some)."""
+    decisive = {f.name: getattr(base, f.name) for f in fields(base) if f.name not in NOT_DECISIVE}
+    return {**decisive, "teacher": teacher_digest(base.teacher), "method": cfg.method}
 
 
 class _RandomSampler:

@@ -11,7 +11,7 @@ import functools
 import itertools
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,86 +19,17 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
+from .config import TrainConfig
 from .data import BatchLoader, Splits, load_splits
-from .device import check_device, peak_memory_mb
+from .device import peak_memory_mb
 from .distill import kd_terms
 from .distributed import Dist, cross_rank_batchnorm
 from .errors import Diverged, UserError
 from .hypergrad import Batches
-from .models import MODELS, apply, build_model, split_state
-from .operators import CLASSIC, Operator, Schedule, StepContext, classic_operator, global_norm
+from .models import apply, build_model, split_state
+from .operators import Operator, Schedule, StepContext, classic_operator, global_norm
 from .runlog import RunLog, read_metrics
 from .teacher import Teacher, teacher_path
-
-
-@dataclass
-class TrainConfig:
-    model: str = "tiny"
-    dataset: str = "cifar10"
-    data_root: str | None = None
-    download: bool = False
-    teacher: str | None = None  # teacher checkpoint; None or beta == 0 (and no operator choosing beta): no KD
-    beta: float = 0.5
-    temperature: float = 4.0
-    operator: str = "sgd"  # sgd | adam | adamw | path to a learned-operator checkpoint
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | step | cosine | onecycle
-    lr_step_epochs: float = 10.0  # "step" schedule: multiply lr by lr_gamma every this many epochs
-    lr_gamma: float = 0.5
-    tune_kd: str | None = None  # greedy | unrolled | extrapolate: (beta, T) moved by hypergradients
-    hyper_lr: float = 0.25
-    hyper_clip: float = 0.01
-    hyper_every: int = 1
-    hyper_unroll: int = 3
-    extrapolate_after: float = 0.5  # extrapolate: fraction of the run spent in the greedy phase
-    epochs: float = 10.0
-    steps: int | None = None  # wins over epochs
-    batch_size: int = 128
-    augment: bool = False
-    train_subset: int | None = None  # use only this many training images (a fixed subset, e.g. the paper's 12,800)
-    seed: int = 0
-    device: str = "cpu"
-    channels_last: bool = False
-    amp: bool = False  # bf16 autocast for the student's forward/backward (the loss and the operator stay float32)
-    runs_dir: str = "runs"
-    run_name: str | None = None
-    eval_every: int | None = None  # steps between evaluations (and checkpoints) [default: one epoch]
-    eval_at_start: bool = False  # also evaluate the initial student (a row at step 0)
-    trajectory_every: int = 0  # > 0: keep the flattened parameters every this many steps in trajectory.pt
-    log_every: int = 20  # steps between TensorBoard step scalars
-    hist_every: int = 500  # steps between per-layer update norms / update histograms
-    progress: bool = True
-    tensorboard: bool = True
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def validate(self, check_operator: bool = True) -> None:
-        if self.model not in MODELS:
-            raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise UserError(f"--beta must lie in [0, 1], got {self.beta}")
-        if not self.temperature > 0:
-            raise UserError(f"--temperature must be positive, got {self.temperature}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if self.steps is None and not self.epochs > 0 or self.steps is not None and self.steps < 1:
-            raise UserError("--epochs (or --steps) must be positive")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
-        if check_operator and self.operator not in CLASSIC and not self.operator.endswith(".pt"):
-            raise UserError(f"unknown operator {self.operator!r}: use {', '.join(CLASSIC)} or a learned-operator checkpoint (.pt)")
-        check_device(self.device)
-        Schedule(self.schedule, step_size=1)  # validates the name
-
-    @property
-    def name(self) -> str:
-        return self.run_name or f"{self.model}-{Path(self.operator).stem}-b{self.beta:g}-T{self.temperature:g}-s{self.seed}"
 
 
 def run_length(steps: int | None, epochs: float, n_train: int, batch_size: int) -> tuple[int, int]:
@@ -146,7 +77,7 @@ def build_operator(cfg: TrainConfig, steps_per_epoch: int, total_steps: int, dev
 
 
 def resolve_teacher(cfg: TrainConfig, operator: Operator) -> Path | None:
-    wants_kd = cfg.beta > 0 or getattr(operator, "chooses_kd", False)
+    wants_kd = cfg.beta > 0 or operator.chooses_kd
     if not wants_kd:
         return None
     return teacher_path(cfg.teacher)
@@ -201,7 +132,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
         model = model.to(memory_format=torch.channels_last)
     params, buffers = split_state(model)
     operator = operator or build_operator(cfg, steps_per_epoch, total_steps, dev)
-    if dist and getattr(operator, "needs_batches", False):
+    if dist and operator.needs_batches:
         raise UserError("--tune-kd is not supported under torchrun yet: run hypergradient tuning in one process")
     teacher_file = resolve_teacher(cfg, operator)
     teacher = Teacher(teacher_file, splits, cfg.augment, dev, progress=cfg.progress and main) if teacher_file else None
@@ -267,7 +198,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
                 bar.close()
                 raise Diverged(step, "training loss")
             ctx = StepContext(step, total_steps, loss, ce, kd_value)
-            if getattr(operator, "needs_batches", False):
+            if operator.needs_batches:
                 val = functools.partial(_xy, val_stream, step, cfg.seed + 7)  # the val batch of this step
                 ctx.batches = Batches(model, buffers, batch.x, batch.y, t_logits, val)
             with torch.no_grad():

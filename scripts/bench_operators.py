@@ -52,7 +52,7 @@ def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, dev
             loss = kd_loss(apply(model, ps, buffers, x, True), teacher, y, beta, temp)
             grads = dict(zip(ps, torch.autograd.grad(loss, list(ps.values()))))
             ctx = StepContext(i, 10_000, loss.item(), float("nan"), float("nan"))
-            if getattr(op, "needs_batches", False):
+            if op.needs_batches:
                 ctx.batches = Batches(model, buffers, x, y, teacher, lambda: (xv, yv))
             _sync(device)
             t1 = time.perf_counter()

@@ -62,7 +62,7 @@ def main() -> None:
                     train_subset=args.train_subset or None, hyper_lr=0.25, hyper_clip=0.01, progress=False)
         if method == "tpe":
             out = search(SearchConfig("tpe", args.trials, args.seeds, f"{args.out}/tpe"), TrainConfig(**base, seed=seeds[0]))
-            rows = [{**read_metrics(f"{args.out}/tpe/best/best-s{s}")[-1], "seed": s, "init": out["best"]} for s in seeds]
+            rows = [{**read_metrics(f"{args.out}/tpe/best/trial-{out['best']['trial']}-s{s}")[-1], "seed": s, "init": out["best"]} for s in seeds]
         else:
             rows = []
             for seed in seeds:

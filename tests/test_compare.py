@@ -1,13 +1,18 @@
 import json
+import shutil
 import statistics
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import kill_at_call
 
 import l2o_kd.compare as compare_mod
 import l2o_kd.train as train_mod
+from l2o_kd import seeds
 from l2o_kd.compare import CompareConfig, OperatorSpec, compare, lr_grid, read_results, summarize
 from l2o_kd.errors import UserError
+from l2o_kd.operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet
 from l2o_kd.runlog import read_metrics
 
 
@@ -111,17 +116,89 @@ def test_operator_specs_and_lr_grid():
             OperatorSpec.parse(bad)
     with pytest.raises(UserError, match="twice"):
         CompareConfig(operators="sgd,sgd").specs()
+    with pytest.raises(UserError, match="--seeds: seed 1000 is outside the evaluation seeds"):
+        CompareConfig(seeds=1001).specs()
     grid = lr_grid("adam", 5)
     assert grid[0] == pytest.approx(3e-4) and grid[2] == pytest.approx(3e-3) and grid[-1] == pytest.approx(3e-2)
 
 
-def test_tuning_picks_the_best_validation_lr(tmp_path, teacher_ckpt):
-    cfg = _cfg(tmp_path, teacher_ckpt, operators="sgd,sgd+greedy", seeds=1, lrs={}, tune_lr=3, tune_steps=20, evals=1)
+def test_tuning_picks_the_lr_best_on_validation_with_a_seed_no_cell_reports(tmp_path, teacher_ckpt, monkeypatch):
+    grid = lr_grid("sgd", 3)
+    val = dict(zip(grid, (0.6, 0.4, 0.2)))  # validation prefers the smallest lr ...
+    test = dict(zip(grid, (0.2, 0.4, 0.6)))  # ... the test split the largest
+    calls, real_train = [], compare_mod.train
+
+    def tuning_faked(run_cfg, **kw):
+        """The tuning runs (in <out>/tune) return the scores above; the cells train for real."""
+        calls.append((Path(run_cfg.runs_dir).name, run_cfg.seed))
+        if Path(run_cfg.runs_dir).name == "tune":
+            return {"step": run_cfg.steps, "val_acc": val[run_cfg.lr], "test_acc": test[run_cfg.lr]}
+        return real_train(run_cfg, **kw)
+
+    monkeypatch.setattr(compare_mod, "train", tuning_faked)
+    cfg = _cfg(tmp_path, teacher_ckpt, operators="sgd,sgd+greedy", seeds=2, steps=10, lrs={}, tune_lr=3, tune_steps=5, evals=1)
     summary = compare(cfg)
-    scores = json.loads((tmp_path / "cmp" / "tuning.json").read_text())
-    best = max(lr_grid("sgd", 3), key=lambda lr: scores[f"sgd@{lr:g}"])
-    assert summary["lrs"] == {"sgd": best}
-    assert summary["operators"]["sgd+greedy"]["base_lr"] == best  # the KD-tuning variant inherits its base's lr
+    tuning_seeds = {seed for where, seed in calls if where == "tune"}
+    reported_seeds = {seed for where, seed in calls if where == "runs"}
+    assert len(calls) == 3 + 2 * 2 and tuning_seeds == {seeds.tuning_seed(0)} and reported_seeds == {0, 1}
+    rows = read_results(tmp_path / "cmp")
+    assert {r["seed"] for r in rows} == {0, 1} and {r["operator"] for r in rows} == {"sgd", "sgd+greedy"}
+    assert {r["base_lr"] for r in rows} == {grid[0]}  # every cell, the KD-tuning variant included, ran the val argmax
+    assert summary["lrs"] == {"sgd": grid[0]}
+    assert f"seed {seeds.tuning_seed(0)})" in (tmp_path / "cmp" / "summary.md").read_text()
+
+
+def test_a_rerun_that_changes_the_decisive_configuration_is_refused(tmp_path, teacher_ckpt):
+    teacher = tmp_path / "teacher.pt"
+    shutil.copy(teacher_ckpt, teacher)
+    kw = dict(operators="sgd", seeds=1, steps=10, evals=1, teacher=str(teacher))
+    compare(_cfg(tmp_path, teacher_ckpt, **kw))
+    results = tmp_path / "cmp" / "results.jsonl"
+    before = results.read_bytes()
+    for key, value in (("steps", 12), ("beta", 0.3), ("lrs", {"sgd": 0.1}), ("student", "tiny_wide"), ("tune_lr", 2)):
+        with pytest.raises(UserError, match=f"another configuration: {key} is .* but was"):
+            compare(_cfg(tmp_path, teacher_ckpt, **{**kw, key: value}))
+    with open(teacher, "ab") as f:  # the same teacher path with other bytes
+        f.write(b"\0")
+    with pytest.raises(UserError, match="teacher is .* but was"):
+        compare(_cfg(tmp_path, teacher_ckpt, **kw))
+    assert results.read_bytes() == before
+
+    # more operators and seeds, and flags that do not change a cell, are welcome; so are epochs
+    # that resolve to the same run length (1800 synthetic training images: 28 steps of 64 per epoch)
+    shutil.copy(teacher_ckpt, teacher)
+    more = {**kw, "operators": "sgd,adam", "seeds": 2, "steps": None, "epochs": 10 / 28, "target": 0.5, "trajectory_points": 3}
+    compare(_cfg(tmp_path, teacher_ckpt, **more))
+    assert results.read_bytes().startswith(before)
+    assert {(r["operator"], r["seed"]) for r in read_results(tmp_path / "cmp")} == {(op, s) for op in ("sgd", "adam") for s in (0, 1)}
+
+
+def _save_operator(path: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4))).save(path)
+
+
+def test_a_rerun_with_other_weights_for_a_learned_operator_is_refused(tmp_path, teacher_ckpt):
+    _save_operator(tmp_path / "first.pt", seed=0)
+    _save_operator(tmp_path / "second.pt", seed=1)
+    op = tmp_path / "op.pt"
+    shutil.copy(tmp_path / "first.pt", op)
+    kw = dict(operators=f"ckpt:{op}", seeds=1, steps=4, evals=1)
+    compare(_cfg(tmp_path, teacher_ckpt, **kw))
+    results = tmp_path / "cmp" / "results.jsonl"
+    before = results.read_bytes()
+
+    shutil.copy(tmp_path / "second.pt", op)  # other weights under the same label "op"
+    with pytest.raises(UserError, match=f"another learned operator 'op': {op} has changed"):
+        compare(_cfg(tmp_path, teacher_ckpt, **{**kw, "operators": f"sgd,ckpt:{op}"}))
+    assert results.read_bytes() == before
+
+    shutil.copy(tmp_path / "first.pt", op)  # the weights it ran, and a new learned operator, are accepted
+    compare(_cfg(tmp_path, teacher_ckpt, **{**kw, "operators": f"ckpt:{op},ckpt:{tmp_path / 'second.pt'}"}))
+    assert {r["operator"] for r in read_results(tmp_path / "cmp")} == {"op", "second"}
+    shutil.copy(tmp_path / "first.pt", tmp_path / "second.pt")  # a label recorded by the rerun is checked too
+    with pytest.raises(UserError, match="another learned operator 'second'"):
+        compare(_cfg(tmp_path, teacher_ckpt, **{**kw, "operators": f"ckpt:{tmp_path / 'second.pt'}"}))
 
 
 def test_the_schedule_reaches_the_classic_operators_and_their_tuning(tmp_path, teacher_ckpt):

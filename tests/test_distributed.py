@@ -11,6 +11,7 @@ from torch import nn
 
 from l2o_kd.checkpoint import load_checkpoint
 from l2o_kd.distributed import cross_rank_batchnorm
+from l2o_kd.models import build_model
 from l2o_kd.runlog import read_metrics
 
 
@@ -45,13 +46,23 @@ def test_torchrun_deploy_equals_one_process_on_the_same_global_batch(tmp_path, t
     subprocess.run([sys.executable, "-m", "l2o_kd", *args, "--run-name", "one"], cwd=tmp_path, env=env, check=True, capture_output=True)
 
     one, two = (load_checkpoint(tmp_path / r / "checkpoint.pt", kind="model") for r in ("one", "two"))
+    init = build_model("tiny", seed=0).state_dict()
     for key in ("params", "buffers"):
-        for name, value in one[key].items():
-            torch.testing.assert_close(two[key][name].float(), value.float(), atol=1e-4, rtol=1e-4)
+        names = [n for n, v in one[key].items() if v.is_floating_point()]
+        flat = lambda state: torch.cat([state[n].double().flatten() for n in names])  # noqa: B023
+        moved = (flat(one[key]) - flat(init)).norm()
+        # The two runs differ by the order of float32 sums (gradients averaged over two shards,
+        # BatchNorm statistics combined across ranks): ~2e-6 of the distance moved after 1-5 steps.
+        # Rounding can also flip a ReLU (or max-pool) whose input is within ~1e-7 of its kink (about 1 in 1e7
+        # activations, so now and then in a batch), and the flipped unit then changes one step by
+        # about lr/batch: measured once at step 6, 1.1e-3 of the distance moved. The bound below
+        # absorbs ~20 such flips; per-rank instead of cross-rank BatchNorm statistics gave 0.21,
+        # summed instead of averaged gradients ~1.
+        assert (flat(two[key]) - flat(one[key])).norm() < 2e-2 * moved, key
     rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in rows_two] == [3, 6]  # rank 0 alone wrote, each row once
     for a, b in zip(rows_one, rows_two):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
     assert len(list((tmp_path / "two").glob("events.out.tfevents.*"))) == 1
 

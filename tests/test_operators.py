@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from l2o_kd.operators import SGD, Adam, Schedule, StepContext
+from l2o_kd.operators.classic import sqrt0
 
 
 def _problem(seed=0):
@@ -82,3 +83,36 @@ def test_steps_do_not_modify_inputs_and_are_differentiable_in_lr():
         assert all(torch.equal(p0[k], params[k]) for k in params)  # out of place
         (dlr,) = torch.autograd.grad(loss_fn(new), lr)
         assert torch.isfinite(dlr) and dlr.abs() > 0
+
+
+@pytest.mark.parametrize("t", [0, 4])
+def test_adam_step_has_the_analytic_derivative_at_a_zero_gradient(t):
+    """At zero moments, step t + 1 and g = 0 the update is u(g) = -(lr/bc1) m / (sqrt(v)/sqrt(bc2) + eps)
+    with m = (1-b1) g, v = (1-b2) g^2, so u(g) = -(lr/bc1) (1-b1) g / (a |g| + eps), a = sqrt((1-b2)/bc2):
+    smooth at 0 with slope -(lr/bc1)(1-b1)/eps. Through a plain v.sqrt() autograd gives inf * 0 = NaN
+    (what made greedy Adam hypergradients NaN on dead units). Float64: a few roundings, rtol 1e-12.
+    The difference quotient u(s)/s = slope / (1 + a s/eps) confirms it is the true derivative."""
+    lr, b1, b2, eps = 1e-3, 0.9, 0.999, 1e-8
+    op = Adam(lr=lr, betas=(b1, b2), eps=eps)
+    p = {"w": torch.zeros(3, dtype=torch.float64)}
+    state = {**op.init(p), "t": torch.tensor(t)}
+    update = lambda g: op.step(p, {"w": g}, state, StepContext(t, 10))[0]["w"]
+    g = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    (d,) = torch.autograd.grad(update(g).sum(), g)
+    slope = -(lr / (1 - b1 ** (t + 1))) * (1 - b1) / eps
+    assert torch.allclose(d, torch.full_like(d, slope), rtol=1e-12, atol=0), (d, slope)
+    s = 1e-14  # a s / eps <= 1e-6: the quotient's truncation error; its rounding is ~1e-16 relative
+    quotient = update(torch.full((3,), s, dtype=torch.float64)) / s
+    assert torch.allclose(quotient, torch.full_like(quotient, slope), rtol=1e-5, atol=0), (quotient, slope)
+
+
+def test_sqrt0_is_sqrt_bit_for_bit_with_derivative_zero_at_zero():
+    """Adam's forward values must not change (they equal torch.optim.Adam's): sqrt0 returns exactly
+    v.sqrt(), and only the derivative at 0 differs (0 instead of inf)."""
+    v = torch.tensor([0.0, 5e-324, 1e-300, 1e-8, 0.3, 2.0, 1e300, float("inf")], dtype=torch.float64)
+    for x in (v, v.float()):
+        assert torch.equal(sqrt0(x), x.sqrt())
+    assert torch.isnan(sqrt0(torch.tensor([-1.0, float("nan")]))).all()
+    w = v[:-1].clone().requires_grad_(True)
+    (d,) = torch.autograd.grad(sqrt0(w).sum(), w)
+    assert d[0] == 0 and torch.allclose(d[1:], 0.5 / w[1:].detach().sqrt(), rtol=1e-14, atol=0)

@@ -48,6 +48,8 @@ class Operator(ABC):
     """Base class of SGD, Adam, hypergradient-tuned and learned operators."""
 
     name: str = "operator"
+    chooses_kd: bool = False  # kd() returns the (beta, T) of the next loss (learned, hypergradient operators)
+    needs_batches: bool = False  # step() reads ctx.batches: the model, this step's batch and validation batches
 
     @abstractmethod
     def init(self, params: Params) -> State:

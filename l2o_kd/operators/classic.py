@@ -2,7 +2,8 @@
 
 The update rules are those of ``torch.optim.SGD`` and ``torch.optim.Adam``/``AdamW`` (tested equal
 within 1e-6), written out of place so that they can be differentiated through. ``lr`` may be a
-float or a tensor (a hyperparameter being trained).
+float or a tensor (a hyperparameter being trained). Adam's ``sqrt(v)`` has derivative 0 at
+``v == 0`` (see :func:`sqrt0`), so hypergradients through it stay finite.
 """
 
 from __future__ import annotations
@@ -81,10 +82,24 @@ class Adam(Operator):
                 g = g + self.weight_decay * p
             m = b1 * state["m"][k] + (1 - b1) * g
             v = b2 * state["v"][k] + (1 - b2) * g * g
-            denom = v.sqrt() / bc2**0.5 + self.eps
+            denom = sqrt0(v) / bc2**0.5 + self.eps
             new_params[k] = p - (lr / bc1) * m / denom
             m_new[k], v_new[k] = m, v
         return new_params, {"m": m_new, "v": v_new, "t": state["t"] + 1}, {"lr": lr}
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self), "lr": float(self.lr)}
+
+
+def sqrt0(v: torch.Tensor) -> torch.Tensor:
+    """``v.sqrt()``, bit for bit, but with derivative 0 instead of inf where ``v == 0``.
+
+    Adam's second moment is exactly 0 where every gradient so far was 0 (a parameter that does not
+    reach the loss, a dead ReLU unit); there the chain rule through ``v.sqrt()`` gives
+    ``inf * dv/dg = inf * 2 (1 - beta2) g = inf * 0 = NaN`` in any hypergradient. Taking the root of
+    1 at those entries and masking it out keeps the forward value and makes the derivative 0, which
+    is also the true derivative of the step there: at zero state the update is
+    ``-lr g / (|g| + eps)`` (t = 1), smooth at g = 0 with slope ``-lr / eps``.
+    """
+    zero = v == 0
+    return torch.where(zero, torch.zeros_like(v), torch.where(zero, torch.ones_like(v), v).sqrt())

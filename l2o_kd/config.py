@@ -1,0 +1,160 @@
+"""The configuration of every command, as dataclasses: each default is declared here once, saved in
+every run and checkpoint (``asdict``), and read by the command line for its flags.
+
+This module imports no torch, so ``l2o-kd --help`` stays fast; ``validate`` imports what it checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"
+    dataset: str = "cifar10"
+    data_root: str | None = None
+    download: bool = False
+    teacher: str | None = None  # teacher checkpoint; None or beta == 0 (and no operator choosing beta): no KD
+    beta: float = 0.5
+    temperature: float = 4.0
+    operator: str = "sgd"  # sgd | adam | adamw | path to a learned-operator checkpoint
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | step | cosine | onecycle
+    lr_step_epochs: float = 10.0  # "step" schedule: multiply lr by lr_gamma every this many epochs
+    lr_gamma: float = 0.5
+    tune_kd: str | None = None  # greedy | unrolled | extrapolate: (beta, T) moved by hypergradients
+    hyper_lr: float = 0.25
+    hyper_clip: float = 0.01
+    hyper_every: int = 1
+    hyper_unroll: int = 3
+    extrapolate_after: float = 0.5  # extrapolate: fraction of the run spent in the greedy phase
+    epochs: float = 10.0
+    steps: int | None = None  # wins over epochs
+    batch_size: int = 128
+    augment: bool = False
+    train_subset: int | None = None  # use only this many training images (a fixed subset, e.g. the paper's 12,800)
+    seed: int = 0
+    device: str = "cpu"
+    channels_last: bool = False
+    amp: bool = False  # bf16 autocast for the student's forward/backward (the loss and the operator stay float32)
+    runs_dir: str = "runs"
+    run_name: str | None = None
+    eval_every: int | None = None  # steps between evaluations (and checkpoints) [default: one epoch]
+    eval_at_start: bool = False  # also evaluate the initial student (a row at step 0)
+    trajectory_every: int = 0  # > 0: keep the flattened parameters every this many steps in trajectory.pt
+    log_every: int = 20  # steps between TensorBoard step scalars
+    hist_every: int = 500  # steps between per-layer update norms / update histograms
+    progress: bool = True
+    tensorboard: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def validate(self, check_operator: bool = True) -> None:
+        from .device import check_device
+        from .models import MODELS
+        from .operators import CLASSIC, Schedule
+
+        if self.model not in MODELS:
+            raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise UserError(f"--beta must lie in [0, 1], got {self.beta}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.steps is None and not self.epochs > 0 or self.steps is not None and self.steps < 1:
+            raise UserError("--epochs (or --steps) must be positive")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.learned and self.tune_kd:
+            raise UserError(f"--tune-kd {self.tune_kd}: the learned operator {self.operator} chooses its own (beta, T)")
+        if check_operator and self.operator not in CLASSIC and not self.learned:
+            raise UserError(f"unknown operator {self.operator!r}: use {', '.join(CLASSIC)} or a learned-operator checkpoint (.pt)")
+        check_device(self.device)
+        Schedule(self.schedule, step_size=1)  # validates the name
+
+    @property
+    def learned(self) -> bool:
+        """A learned operator (a checkpoint) chooses its own steps and (beta, T)."""
+        return self.operator.endswith(".pt")
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.model}-{Path(self.operator).stem}-b{self.beta:g}-T{self.temperature:g}-s{self.seed}"
+
+
+ES_PARAMS = {  # which operator weights --es-params perturbs (the rest stay at their initialization)
+    "all": ("",),
+    "readout": ("coord_out.", "head.2."),  # the output layers, reading a fixed random LSTM
+    "bias": ("coord_out.bias", "head.2.bias"),  # the output biases: base beta, T, step scale, step magnitude, drift
+    "head-bias": ("head.2.bias",),  # the global head's biases: base beta, T and step scale
+    "schedule": ("head.2.bias", "schedule."),  # those biases and their slopes in progress t/T
+}
+
+
+@dataclass
+class MetaConfig:
+    dataset: str = "cifar10"
+    data_root: str | None = None
+    teacher: str | None = None
+    students: str = "tiny,tiny_wide"
+    method: str = "tbptt"  # tbptt | es
+    unroll: int = 20
+    curriculum: str = "100,300,1000"  # episode lengths, each used for an equal share of the budget
+    meta_steps: int = 300
+    minutes: float | None = None  # wall-clock budget; wins over meta_steps when reached first
+    meta_lr: float = 1e-3
+    clip: float = 1.0
+    batch_size: int = 128
+    second_order: bool = False
+    sigma: float = 0.02  # es: standard deviation of the perturbations of phi
+    pairs: int = 1  # es: antithetic pairs per meta-step (per rank under torchrun)
+    es_eval: int = 2000  # es: validation images of the end-of-episode loss
+    es_objective: str = "ce"  # es: end-of-episode validation "ce" or "error" (ES needs no gradient of it)
+    es_params: str = "all"  # es: a key of ES_PARAMS
+    hidden: int = 20
+    base_scale: float = 1e-3
+    init: str | None = None  # start from this operator checkpoint instead of a fresh operator
+    validate_every: int = 50
+    val_horizon: int = 300
+    val_seeds: str = "1000,1001"
+    adam_lr: float = 3e-3  # the reference Adam of meta-validation
+    seed: int = 0
+    device: str = "cpu"
+    runs_dir: str = "runs"
+    run_name: str = "meta"
+    out: str | None = None  # copy of the best operator [default: <run dir>/operator-best.pt]
+    progress: bool = True
+
+    def validate(self) -> None:
+        from .device import check_device
+        from .models import build_model
+
+        if self.unroll < 1 or self.meta_steps < 1 or self.validate_every < 1:
+            raise UserError("--unroll, --meta-steps and --validate-every must be positive")
+        if not self.meta_lr > 0:
+            raise UserError(f"--meta-lr must be positive, got {self.meta_lr}")
+        if self.method not in ("tbptt", "es"):
+            raise UserError(f"--method must be tbptt or es, got {self.method!r}")
+        if self.method == "es" and not (self.sigma > 0 and self.pairs >= 1 and self.es_eval >= 1):
+            raise UserError("--sigma, --pairs and --es-eval must be positive")
+        if self.es_objective not in ("ce", "error") or self.es_params not in ES_PARAMS:
+            raise UserError(f"--es-objective must be ce or error, --es-params one of {', '.join(ES_PARAMS)}")
+        for s in self.students.split(","):
+            build_model(s)
+        check_device(self.device)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [int(x) for x in self.curriculum.split(",")]
