@@ -146,7 +146,7 @@ def test_es_meta_training_lowers_the_end_of_episode_loss(synthetic_episode):
     for es_seed in (0, 1):
         torch.manual_seed(0)  # the same operator for both ES seeds
         op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4, base_scale=1e-3)))
-        end_loss = lambda net: meta.episode_end_loss(LSTMOperator(net), synthetic_episode(op, 5, 40), 400)
+        end_loss = lambda net, op=op: meta.episode_end_loss(LSTMOperator(net), synthetic_episode(op, 5, 40), 400)
         before = end_loss(op.net)
         meta_opt, gen = torch.optim.Adam(op.net.parameters(), lr=0.1), torch.Generator().manual_seed(es_seed)
         for _ in range(6):

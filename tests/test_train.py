@@ -59,11 +59,14 @@ def test_mid_epoch_evaluations_resume_exactly_with_trajectory(tmp_path, teacher_
 
 
 def test_bf16_autocast_trains_close_to_float32(tmp_path, teacher_ckpt):
-    kw = dict(model="tiny", teacher=str(teacher_ckpt), operator="adam", lr=3e-3, steps=28, runs_dir=str(tmp_path), tensorboard=False, **FAST)
+    """56 steps (2 epochs): measured val accuracy 0.64-0.66 in fp32 and bf16 on 1 and 2 threads
+    (0.29-0.31 after 28 steps, too close to any bound); the 201 val images give a std of ~0.035."""
+    kw = dict(model="tiny", teacher=str(teacher_ckpt), operator="adam", lr=3e-3, steps=56, runs_dir=str(tmp_path), tensorboard=False, **FAST)
     fp32, bf16 = train(TrainConfig(run_name="fp32", **kw)), train(TrainConfig(run_name="bf16", amp=True, **kw))
     assert bf16["train_loss"] != fp32["train_loss"]  # autocast really ran in bf16
-    assert bf16["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.05)
-    assert bf16["val_acc"] > 0.3  # it learns (chance is 0.1)
+    assert bf16["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.08)  # measured 0.3-1.8%
+    assert abs(bf16["val_acc"] - fp32["val_acc"]) < 0.12  # ~3 std of one accuracy
+    assert bf16["val_acc"] > 0.4  # it learns (chance is 0.1)
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
