@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from .config import ES_PARAMS, MetaConfig, TrainConfig
+from .config import ES_PARAMS, CompareConfig, MetaConfig, TrainConfig
 from .errors import Diverged, UserError
 
-T, M = TrainConfig, MetaConfig  # every default below is the config's own (declared once, in config.py)
+T, M, C = TrainConfig, MetaConfig, CompareConfig  # every default below is the config's own (declared once, in config.py)
 
 
 def training_options(f):
@@ -206,33 +206,33 @@ def meta_train_cmd(threads, resume, no_progress, **kw):
 
 
 @cli.command()
-@click.option("--operators", default="sgd,adam", show_default=True,
+@click.option("--operators", default=C.operators, show_default=True,
               help="Comma-separated: sgd | adam | adamw | BASE+greedy|unrolled|extrapolate | ckpt:PATH (a learned operator).")
-@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0..N-1 (student initialization and data order).")
-@click.option("--student", default="tiny", show_default=True)
-@click.option("--epochs", type=float, default=20.0, show_default=True)
+@click.option("--seeds", type=int, default=C.seeds, show_default=True, help="Seeds 0..N-1 (student initialization and data order).")
+@click.option("--student", default=C.student, show_default=True)
+@click.option("--epochs", type=float, default=C.epochs, show_default=True)
 @click.option("--steps", type=int, default=None, help="Length in steps (wins over --epochs).")
-@click.option("--dataset", default="cifar10", show_default=True, help="cifar10 | synthetic")
+@click.option("--dataset", default=C.dataset, show_default=True, help="cifar10 | synthetic")
 @click.option("--data-root", default=None)
 @click.option("--download", is_flag=True)
 @click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt].")
-@click.option("--beta", type=float, default=0.5, show_default=True, help="Fixed KD weight of the classic operators.")
-@click.option("--temperature", type=float, default=4.0, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
-@click.option("--schedule", default="constant", show_default=True, help="lr schedule of the classic operators: constant | step | cosine | onecycle.")
+@click.option("--beta", type=float, default=C.beta, show_default=True, help="Fixed KD weight of the classic operators.")
+@click.option("--temperature", type=float, default=C.temperature, show_default=True)
+@click.option("--batch-size", type=int, default=C.batch_size, show_default=True)
+@click.option("--momentum", type=float, default=C.momentum, show_default=True, help="SGD momentum.")
+@click.option("--schedule", default=C.schedule, show_default=True, help="lr schedule of the classic operators: constant | step | cosine | onecycle.")
 @click.option("--lr", "lr_items", multiple=True, help="Fix a base operator's lr, e.g. --lr sgd=0.1 (not tuned then).")
-@click.option("--tune-lr", type=int, default=0, show_default=True, help="Tune classic lrs over a log grid of N values on validation.")
-@click.option("--tune-steps", type=int, default=1000, show_default=True, help="Length of each tuning run.")
+@click.option("--tune-lr", type=int, default=C.tune_lr, show_default=True, help="Tune classic lrs over a log grid of N values on validation.")
+@click.option("--tune-steps", type=int, default=C.tune_steps, show_default=True, help="Length of each tuning run.")
 @click.option("--target", type=float, default=None, help="Test accuracy for 'steps to target' [default: best classic final mean].")
-@click.option("--evals", type=int, default=20, show_default=True, help="Evaluation points per run.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--evals", type=int, default=C.evals, show_default=True, help="Evaluation points per run.")
+@click.option("--device", default=C.device, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch intra-op threads [default: all cores].")
-@click.option("--out", default="results/compare", show_default=True, help="Output folder; rerunning skips finished cells.")
+@click.option("--out", default=C.out, show_default=True, help="Output folder; rerunning skips finished cells.")
 @click.option("--no-progress", is_flag=True)
 def compare(lr_items, threads, no_progress, **kw):
     """Compare operators side by side: results.jsonl, summary.md, plots, one TensorBoard run per cell."""
-    from .compare import CompareConfig, compare
+    from .compare import compare
 
     _set_threads(threads)
     kw["lrs"] = _parse_lrs(lr_items)

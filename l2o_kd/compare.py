@@ -26,7 +26,7 @@ import json
 import math
 import statistics
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +35,17 @@ from tqdm import tqdm
 
 from . import seeds as seed_ranges
 from .checkpoint import save_atomic_text
+from .config import CompareConfig, TrainConfig
 from .errors import Diverged, UserError
 from .fingerprint import check_fingerprint, file_digest
+from .hypergrad import METHODS as TUNE_KD_METHODS
 from .operators import CLASSIC
-from .operators.schedules import Schedule
 from .plots import finished_runs, plot_comparison
 from .runlog import read_metrics
-from .teacher import teacher_path
-from .train import TrainConfig, Trajectory, run_length, train
+from .teacher import teacher_digest
+from .train import Trajectory, run_length, train
 
 DEFAULT_LR = {"sgd": 0.03, "adam": 3e-3, "adamw": 3e-3}  # tuned on validation for `tiny` with KD (docs/RESULTS.md)
-TUNE_KD = ("greedy", "unrolled", "extrapolate")
 RESULTS, FAILURES, SUMMARY, TUNING = "results.jsonl", "failures.jsonl", "summary.md", "tuning.json"
 LEARNED = "learned_operators.json"  # {label: content digest} of the learned operators a folder ran
 TUNE_SEED = seed_ranges.tuning_seed(0)  # the student of every lr-tuning run
@@ -77,58 +77,27 @@ class OperatorSpec:
             return cls(label=Path(path).stem, base=path)
         base, _, method = spec.partition("+")
         if base not in CLASSIC:
-            raise UserError(f"unknown operator {spec!r}: use {', '.join(CLASSIC)}, BASE+{'|'.join(TUNE_KD)} or ckpt:PATH")
-        if method and method not in TUNE_KD:
-            raise UserError(f"unknown KD tuning {method!r} in {spec!r}: use one of {', '.join(TUNE_KD)}")
+            raise UserError(f"unknown operator {spec!r}: use {', '.join(CLASSIC)}, BASE+{'|'.join(TUNE_KD_METHODS)} or ckpt:PATH")
+        if method and method not in TUNE_KD_METHODS:
+            raise UserError(f"unknown KD tuning {method!r} in {spec!r}: use one of {', '.join(TUNE_KD_METHODS)}")
         return cls(label=spec, base=base, tune_kd=method or None)
 
 
-@dataclass
-class CompareConfig:
-    operators: str = "sgd,adam"
-    seeds: int = 3  # seeds 0 .. seeds-1
-    student: str = "tiny"
-    epochs: float = 20.0
-    steps: int | None = None  # wins over epochs
-    dataset: str = "cifar10"
-    data_root: str | None = None
-    download: bool = False
-    teacher: str | None = None
-    beta: float = 0.5  # the fixed KD of the classic operators (and the start of the KD-tuning ones)
-    temperature: float = 4.0
-    batch_size: int = 128
-    momentum: float = 0.9
-    schedule: str = "constant"  # lr schedule of the classic operators (tuning runs included)
-    lrs: dict[str, float] = field(default_factory=dict)  # fixed lrs per base operator (skip tuning it)
-    tune_lr: int = 0  # grid size; 0: no tuning (DEFAULT_LR or --lr)
-    tune_steps: int = 1000  # length of each tuning run (capped by the full run's length)
-    target: float | None = None  # test accuracy for "steps to target" [default: best classic final mean]
-    evals: int = 20  # evaluation points per run (plus the initial one)
-    trajectory_points: int = 50  # flattened-parameter snapshots per run, for the trajectory plot
-    device: str = "cpu"
-    out: str = "results/compare"
-    progress: bool = True
-
-    def specs(self) -> list[OperatorSpec]:
-        specs = [OperatorSpec.parse(s) for s in self.operators.split(",") if s.strip()]
-        if not specs:
-            raise UserError("--operators is empty")
-        labels = [s.label for s in specs]
-        if len(set(labels)) != len(labels):
-            raise UserError(f"--operators names an operator twice: {self.operators}")
-        Schedule(self.schedule, step_size=1)  # validates the name
-        if self.seeds < 1 or self.tune_lr < 0 or self.evals < 1:
-            raise UserError("--seeds and --evals must be positive, --tune-lr non-negative")
-        seed_ranges.check(range(self.seeds), "evaluation", "--seeds")
-        for name, lr in self.lrs.items():
-            if name not in CLASSIC or not lr > 0:
-                raise UserError(f"--lr {name}={lr}: give a positive lr for one of {', '.join(CLASSIC)}")
-        return specs
+def parse_specs(operators: str) -> list[OperatorSpec]:
+    """The operators of ``--operators``, each checked (a learned one loaded) before anything runs."""
+    specs = [OperatorSpec.parse(s) for s in operators.split(",") if s.strip()]
+    if not specs:
+        raise UserError("--operators is empty")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--operators names an operator twice: {operators}")
+    return specs
 
 
 def compare(cfg: CompareConfig) -> dict[str, Any]:
     """Run (or finish) the comparison in ``cfg.out`` and return its summary."""
-    specs = cfg.specs()
+    cfg.validate()
+    specs = parse_specs(cfg.operators)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     from .data import load_splits
@@ -179,15 +148,6 @@ def decisive_config(cfg: CompareConfig, steps: int) -> dict[str, Any]:
     resolved run length ``steps`` and the teacher by content. Operators and seeds are left out
     (a rerun may add some), and so are the target, device, progress, output and trajectory points."""
     return {**{k: getattr(cfg, k) for k in DECISIVE}, "steps": steps, "teacher": teacher_digest(cfg.teacher)}
-
-
-def teacher_digest(teacher: str | None) -> str | None:
-    """Content digest of the teacher file ``teacher`` resolves to (the shipped one when None), or
-    None when there is no such file: runs without KD need none, and those with KD fail on their own."""
-    try:
-        return file_digest(teacher_path(teacher))
-    except UserError:
-        return None
 
 
 def check_learned_operators(out: Path, specs: list[OperatorSpec]) -> None:

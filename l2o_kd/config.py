@@ -6,10 +6,11 @@ This module imports no torch, so ``l2o-kd --help`` stays fast; ``validate`` impo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from . import seeds as seed_ranges
 from .errors import UserError
 
 
@@ -55,6 +56,15 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
 
+    # Fields that do not decide a run's result: where and how it is logged, found and shown.
+    NOT_DECISIVE: ClassVar[frozenset[str]] = frozenset({
+        "runs_dir", "run_name", "progress", "tensorboard", "device", "eval_every", "log_every", "hist_every", "trajectory_every",
+        "eval_at_start", "data_root", "download"})
+
+    def decisive(self) -> dict[str, Any]:
+        """The fields that decide the run's result (files such as the teacher enter by digest, elsewhere)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.NOT_DECISIVE}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
@@ -92,6 +102,45 @@ class TrainConfig:
     @property
     def name(self) -> str:
         return self.run_name or f"{self.model}-{Path(self.operator).stem}-b{self.beta:g}-T{self.temperature:g}-s{self.seed}"
+
+
+@dataclass
+class CompareConfig:
+    operators: str = "sgd,adam"
+    seeds: int = 3  # seeds 0 .. seeds-1
+    student: str = TrainConfig.model
+    epochs: float = 20.0
+    steps: int | None = None  # wins over epochs
+    dataset: str = TrainConfig.dataset
+    data_root: str | None = None
+    download: bool = False
+    teacher: str | None = None
+    beta: float = TrainConfig.beta  # the fixed KD of the classic operators (and the start of the KD-tuning ones)
+    temperature: float = TrainConfig.temperature
+    batch_size: int = TrainConfig.batch_size
+    momentum: float = TrainConfig.momentum
+    schedule: str = TrainConfig.schedule  # lr schedule of the classic operators (tuning runs included)
+    lrs: dict[str, float] = field(default_factory=dict)  # fixed lrs per base operator (skip tuning it)
+    tune_lr: int = 0  # grid size; 0: no tuning (DEFAULT_LR or --lr)
+    tune_steps: int = 1000  # length of each tuning run (capped by the full run's length)
+    target: float | None = None  # test accuracy for "steps to target" [default: best classic final mean]
+    evals: int = 20  # evaluation points per run (plus the initial one)
+    trajectory_points: int = 50  # flattened-parameter snapshots per run, for the trajectory plot
+    device: str = TrainConfig.device
+    out: str = "results/compare"
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Everything but the operators (``compare.parse_specs`` checks those)."""
+        from .operators import CLASSIC, Schedule
+
+        Schedule(self.schedule, step_size=1)  # validates the name
+        if self.seeds < 1 or self.tune_lr < 0 or self.evals < 1:
+            raise UserError("--seeds and --evals must be positive, --tune-lr non-negative")
+        seed_ranges.check(range(self.seeds), "evaluation", "--seeds")
+        for name, lr in self.lrs.items():
+            if name not in CLASSIC or not lr > 0:
+                raise UserError(f"--lr {name}={lr}: give a positive lr for one of {', '.join(CLASSIC)}")
 
 
 ES_PARAMS = {  # which operator weights --es-params perturbs (the rest stay at their initialization)
@@ -153,7 +202,15 @@ class MetaConfig:
             raise UserError(f"--es-objective must be ce or error, --es-params one of {', '.join(ES_PARAMS)}")
         for s in self.students.split(","):
             build_model(s)
+        seed_ranges.check(self.val_seed_list, "meta-validation", "--val-seeds")
         check_device(self.device)
+
+    @property
+    def val_seed_list(self) -> list[int]:
+        try:
+            return [int(s) for s in self.val_seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--val-seeds must be comma-separated integers, got {self.val_seeds!r}") from None
 
     @property
     def lengths(self) -> list[int]:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import seeds as seed_ranges
 from .checkpoint import load_checkpoint, save_atomic
 from .config import ES_PARAMS, MetaConfig, TrainConfig
 from .data import Normalize, Splits, load_splits
@@ -203,7 +204,7 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         frac = meta_step / cfg.meta_steps
         length = cfg.lengths[min(int(frac * len(cfg.lengths)), len(cfg.lengths) - 1)]
         rng = random.Random(cfg.seed * 7919 + episode_key())
-        return Episode(splits, logits, operator, rng.choice(students), seed=cfg.seed * 100_000 + episode_key(), length=length, cfg=cfg)
+        return Episode(splits, logits, operator, rng.choice(students), seed=seed_ranges.META_TRAIN.start + cfg.seed * 100_000 + episode_key(), length=length, cfg=cfg)
 
     def episode_key() -> int:
         return episode_idx * (dist.world if dist else 1) + (dist.rank if dist else 0)  # distinct episodes on every rank
@@ -340,7 +341,7 @@ def meta_validate(operator: Operator, cfg: MetaConfig, splits: Splits, out_dir: 
     accuracy of each over the seeds, a diverged run counting 0 (Adam's runs do not change between
     validations: ``adam_cache`` keeps them). Under torchrun each rank runs its share of the seeds."""
     adam_cache = {} if adam_cache is None else adam_cache
-    seeds = [int(s) for s in cfg.val_seeds.split(",")]
+    seeds = cfg.val_seed_list
     accs = torch.zeros(2, len(seeds), dtype=torch.float64)  # rows: lstm, adam
     for i, seed in enumerate(seeds):
         if dist and i % dist.world != dist.rank:

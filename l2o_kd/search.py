@@ -18,24 +18,21 @@ import json
 import math
 import random
 import statistics
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from . import seeds as seed_ranges
-from .compare import teacher_digest
+from .config import TrainConfig
 from .errors import UserError
 from .fingerprint import check_fingerprint
-from .train import TrainConfig, train
+from .teacher import teacher_digest
+from .train import train
 
 METHODS = ("random", "tpe")
 BETA, LOG10_T = (0.0, 1.0), (-1.0, 1.0)
-# TrainConfig fields that do not decide a result: where and how a run is logged, run and found,
-# and the (beta, T) that every trial replaces by its own
-NOT_DECISIVE = {"runs_dir", "run_name", "progress", "tensorboard", "device", "eval_every", "log_every", "hist_every",
-                "trajectory_every", "eval_at_start", "data_root", "download", "beta", "temperature"}
 
 
 @dataclass
@@ -110,10 +107,10 @@ def search(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
 
 
 def decisive_config(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
-    """What decides a search's results: the method and the fields of ``base`` outside
-    :data:`NOT_DECISIVE`, with the teacher by content. ``trials`` and ``retrain_seeds`` are left out
-    (a rerun may add some)."""
-    decisive = {f.name: getattr(base, f.name) for f in fields(base) if f.name not in NOT_DECISIVE}
+    """What decides a search's results: the method and the decisive fields of ``base`` but the
+    (beta, T) that every trial replaces, with the teacher by content. ``trials`` and
+    ``retrain_seeds`` are left out (a rerun may add some)."""
+    decisive = {k: v for k, v in base.decisive().items() if k not in ("beta", "temperature")}
     return {**decisive, "teacher": teacher_digest(base.teacher), "method": cfg.method}
 
 

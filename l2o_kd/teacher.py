@@ -13,6 +13,7 @@ from . import checkpoint as ckpt_io
 from .checkpoint import save_atomic
 from .data import Normalize, Splits, cache_dir
 from .errors import UserError
+from .fingerprint import file_digest
 from .models import build_model
 
 DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "checkpoints" / "teacher-resnet20.pt"
@@ -24,6 +25,15 @@ def teacher_path(path: str | Path | None) -> Path:
     if not path.is_file():
         raise UserError(f"teacher checkpoint not found: {path}; train one with `l2o-kd train-teacher`, pass --teacher CKPT, or use --beta 0")
     return path
+
+
+def teacher_digest(teacher: str | None) -> str | None:
+    """Content digest of the teacher file ``teacher`` resolves to (the shipped one when None), or
+    None when there is no such file: runs without KD need none, and those with KD fail on their own."""
+    try:
+        return file_digest(teacher_path(teacher))
+    except UserError:
+        return None
 
 
 def load_model_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:

@@ -25,6 +25,7 @@ from .device import peak_memory_mb
 from .distill import kd_terms
 from .distributed import Dist, cross_rank_batchnorm
 from .errors import Diverged, UserError
+from .fingerprint import file_digest
 from .hypergrad import Batches
 from .models import apply, build_model, split_state
 from .operators import Operator, Schedule, StepContext, classic_operator, global_norm
@@ -92,12 +93,21 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, dict | None]
         return run_dir, None
     if not path.exists():
         return run_dir, None  # nothing to resume: start fresh
-    ck = ckpt_io.load_checkpoint(path, kind="model")
-    saved = TrainConfig.from_dict(ck["config"])
-    for key in ("model", "dataset", "operator", "lr", "beta", "temperature", "seed", "batch_size", "augment", "schedule", "tune_kd", "train_subset"):
-        if getattr(saved, key) != getattr(cfg, key):
-            raise UserError(f"--resume: {key} is {getattr(cfg, key)!r} but the run in {run_dir} used {getattr(saved, key)!r}")
-    return run_dir, ck
+    return run_dir, ckpt_io.load_checkpoint(path, kind="model")
+
+
+def run_fingerprint(cfg: TrainConfig, teacher_file: Path | None) -> dict[str, Any]:
+    """What decides the run's result: its decisive config, the teacher and a learned operator by content."""
+    return {**cfg.decisive(), "teacher": file_digest(teacher_file), "operator_digest": file_digest(cfg.operator) if cfg.learned else None}
+
+
+def _check_resume(ck: dict, fingerprint: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to continue a run whose result-deciding configuration differs from this one (a checkpoint
+    saved before fingerprints existed is compared on the config fields it holds)."""
+    saved = ck["config"].get("fingerprint") or TrainConfig.from_dict(ck["config"]).decisive()
+    for key in sorted(fingerprint.keys() & saved.keys()):
+        if fingerprint[key] != saved[key]:
+            raise UserError(f"--resume: {key} is {fingerprint[key]!r} but the run in {run_dir} used {saved[key]!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,16 +146,18 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
         raise UserError("--tune-kd is not supported under torchrun yet: run hypergradient tuning in one process")
     teacher_file = resolve_teacher(cfg, operator)
     teacher = Teacher(teacher_file, splits, cfg.augment, dev, progress=cfg.progress and main) if teacher_file else None
+    fingerprint = run_fingerprint(cfg, teacher_file)
     state = operator.init(params)
     step, wall_s = 0, 0.0
     if ck is not None:
+        _check_resume(ck, fingerprint, run_dir)
         params = {k: v.to(dev) for k, v in ck["params"].items()}
         buffers = {k: v.to(dev) for k, v in ck["buffers"].items()}
         state = _to_device(ck["train_state"]["operator"], dev)
         step, wall_s = ck["train_state"]["step"], ck["train_state"]["wall_s"]
 
     config = {**asdict(cfg), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "operator_config": operator.config(),
-              "teacher_path": str(teacher_file) if teacher_file else None}
+              "teacher_path": str(teacher_file) if teacher_file else None, "fingerprint": fingerprint}
     log = RunLog(run_dir, config, resume_step=step, tensorboard=cfg.tensorboard, write=main)
 
     def save(step: int) -> None:

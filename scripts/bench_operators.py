@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from l2o_kd.compare import OperatorSpec
+from l2o_kd.config import TrainConfig
 from l2o_kd.distill import kd_loss
 from l2o_kd.hypergrad import Batches
 from l2o_kd.models import apply, build_model, split_state
 from l2o_kd.operators import StepContext
-from l2o_kd.train import TrainConfig, build_operator
+from l2o_kd.train import build_operator
 
 
 def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, device: str, memory: bool = True) -> dict[str, dict]:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from l2o_kd.config import TrainConfig
 from l2o_kd.data import load_splits
 from l2o_kd.runlog import read_metrics
 from l2o_kd.search import SearchConfig, search
-from l2o_kd.train import TrainConfig, train
+from l2o_kd.train import train
 
 
 def method_config(method: str, seed: int, extrapolate_after: float, operator: str) -> dict:

@@ -30,7 +30,8 @@ FAST = dict(dataset="synthetic", progress=False, batch_size=64)
 @pytest.fixture(scope="session")
 def teacher_ckpt(tmp_path_factory):
     """A teacher trained on the synthetic task (about 85% val accuracy)."""
-    from l2o_kd.train import TrainConfig, train
+    from l2o_kd.config import TrainConfig
+    from l2o_kd.train import train
 
     runs = tmp_path_factory.mktemp("teacher")
     train(TrainConfig(model="tiny_wide", beta=0.0, epochs=6, lr=0.05, runs_dir=str(runs), run_name="t", tensorboard=False, **FAST))
@@ -55,7 +56,8 @@ def interrupted_then_resumed(monkeypatch, cfg_kw: dict, crash_at_step: int) -> d
     """Run ``train`` under run name "cut", "kill" it when it reaches the ``crash_at_step``-th
     training loss, then ``--resume`` it; returns the resumed run's last row."""
     import l2o_kd.train as train_mod
-    from l2o_kd.train import TrainConfig, train
+    from l2o_kd.config import TrainConfig
+    from l2o_kd.train import train
 
     real = train_mod.kd_terms
     kill_at_call(monkeypatch, train_mod, "kd_terms", crash_at_step)

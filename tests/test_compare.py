@@ -10,7 +10,8 @@ from conftest import kill_at_call
 import l2o_kd.compare as compare_mod
 import l2o_kd.train as train_mod
 from l2o_kd import seeds
-from l2o_kd.compare import CompareConfig, OperatorSpec, compare, lr_grid, read_results, summarize
+from l2o_kd.compare import OperatorSpec, compare, lr_grid, parse_specs, read_results, summarize
+from l2o_kd.config import CompareConfig
 from l2o_kd.errors import UserError
 from l2o_kd.operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet
 from l2o_kd.runlog import read_metrics
@@ -115,9 +116,9 @@ def test_operator_specs_and_lr_grid():
         with pytest.raises(UserError):
             OperatorSpec.parse(bad)
     with pytest.raises(UserError, match="twice"):
-        CompareConfig(operators="sgd,sgd").specs()
+        parse_specs("sgd,sgd")
     with pytest.raises(UserError, match="--seeds: seed 1000 is outside the evaluation seeds"):
-        CompareConfig(seeds=1001).specs()
+        CompareConfig(seeds=1001).validate()
     grid = lr_grid("adam", 5)
     assert grid[0] == pytest.approx(3e-4) and grid[2] == pytest.approx(3e-3) and grid[-1] == pytest.approx(3e-2)
 
@@ -209,7 +210,7 @@ def test_the_schedule_reaches_the_classic_operators_and_their_tuning(tmp_path, t
     tuned = read_metrics(tmp_path / "cmp" / "tune" / f"adam-lr{lr_grid('adam', 2)[0]:g}")
     assert tuned[-1]["lr"] == pytest.approx(0.5 * lr_grid("adam", 2)[0], rel=0.1)  # a cosine's mean, not the constant
     with pytest.raises(UserError, match="schedule"):
-        CompareConfig(schedule="linear").specs()
+        CompareConfig(schedule="linear").validate()
 
 
 def test_summary_ignores_unfinished_cells():

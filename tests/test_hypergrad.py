@@ -4,11 +4,12 @@ import torch.nn.functional as F
 from conftest import FAST, interrupted_then_resumed
 from torch import nn
 
+from l2o_kd.config import TrainConfig
 from l2o_kd.distill import kd_gradient, kd_loss
 from l2o_kd.hypergrad import Batches, HyperKD, add_point, line_at, project
 from l2o_kd.operators import SGD, Adam, StepContext
 from l2o_kd.runlog import read_metrics
-from l2o_kd.train import TrainConfig, train
+from l2o_kd.train import train
 
 INNERS = pytest.mark.parametrize("inner", [SGD(lr=0.5, momentum=0.9), Adam(lr=0.05)], ids=["sgd", "adam"])
 METHODS = pytest.mark.parametrize("method,k", [("greedy", 1), ("unrolled", 3)])

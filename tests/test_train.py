@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -7,12 +8,13 @@ from conftest import FAST, interrupted_then_resumed
 import l2o_kd.train as train_mod
 from l2o_kd.checkpoint import load_checkpoint, save_checkpoint
 from l2o_kd.cli import main
+from l2o_kd.config import TrainConfig
 from l2o_kd.data import load_splits
 from l2o_kd.errors import UserError
 from l2o_kd.models import build_model
 from l2o_kd.runlog import read_metrics
 from l2o_kd.teacher import DEFAULT_TEACHER, load_model_checkpoint, predict, teacher_logits
-from l2o_kd.train import TrainConfig, train
+from l2o_kd.train import train
 
 
 def test_deploy_loss_falls_and_writes_metrics_events_checkpoint(tmp_path, teacher_ckpt):
@@ -76,6 +78,24 @@ def test_existing_run_is_not_overwritten(tmp_path):
         train(cfg)
     with pytest.raises(UserError, match="lr is"):
         train(TrainConfig(**{**cfg.__dict__, "lr": 0.5}), resume=True)
+
+
+def test_resume_refuses_a_run_that_decides_its_result_differently(tmp_path, teacher_ckpt):
+    """--resume continues only the same experiment: another length, momentum, or teacher bytes at the
+    same path are refused; how the run is logged (eval_every, progress) may change."""
+    teacher = tmp_path / "teacher.pt"
+    shutil.copy(teacher_ckpt, teacher)
+    cfg = TrainConfig(model="tiny", teacher=str(teacher), steps=4, eval_every=2, runs_dir=str(tmp_path), run_name="x", tensorboard=False, **FAST)
+    train(TrainConfig(**{**cfg.__dict__, "steps": 2}))
+    for change, key in (({"steps": 5}, "steps"), ({"momentum": 0.5}, "momentum")):
+        with pytest.raises(UserError, match=f"--resume: {key} is"):
+            train(TrainConfig(**{**cfg.__dict__, **change}), resume=True)
+    train(TrainConfig(**{**cfg.__dict__, "steps": 2, "eval_every": 1, "progress": False}), resume=True)  # accepted
+    state = load_checkpoint(teacher, kind="model")
+    state["params"] = {k: v + 1e-3 for k, v in state["params"].items()}
+    save_checkpoint(teacher, "model", state["config"], **{k: state[k] for k in ("model", "params", "buffers", "train_state")})
+    with pytest.raises(UserError, match="--resume: teacher is"):
+        train(TrainConfig(**{**cfg.__dict__, "steps": 2}), resume=True)
 
 
 def test_cached_teacher_logits_reproduce_teacher_accuracy(teacher_ckpt):
