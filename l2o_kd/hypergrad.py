@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .config import TrainConfig
 from .distill import batch_ce, kd_gradient, kd_logit_gradient
 from .errors import UserError
 from .models import apply, frozen
@@ -60,8 +61,9 @@ class HyperKD(Operator):
     chooses_kd = True
     needs_batches = True
 
-    def __init__(self, inner: Operator, method: str = "greedy", beta: float = 0.5, temperature: float = 1.0,
-                 hyper_lr: float = 0.25, clip: float = 0.01, every: int = 1, unroll: int = 3, switch: int = 0):
+    def __init__(self, inner: Operator, method: str = "greedy", beta: float = TrainConfig.beta, temperature: float = TrainConfig.temperature,
+                 hyper_lr: float = TrainConfig.hyper_lr, clip: float = TrainConfig.hyper_clip, every: int = TrainConfig.hyper_every,
+                 unroll: int = TrainConfig.hyper_unroll, switch: int = 0):
         if method not in METHODS:
             raise UserError(f"unknown --tune-kd method {method!r}: use one of {', '.join(METHODS)}")
         if method == "extrapolate" and switch < 1:

@@ -9,7 +9,7 @@ DATA=${DATA:-.devcarry/cifar10-jpeg.tar.gz}
 OUT=${OUT:-/tmp/out}
 mkdir -p $OUT
 for dev in cuda cpu; do
-  for op in adam checkpoints/operator-lstm-es-schedule.pt; do
+  for op in adam checkpoints/operator.pt; do
     name=$(basename $op .pt)
     python3 -m l2o_kd deploy --student tiny --beta 0.5 --temperature 4 --operator adam --lr 3e-3 \
       $( [ "$op" != adam ] && echo --optimizer $op ) --epochs 1 --data-root $DATA --device $dev \

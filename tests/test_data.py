@@ -12,6 +12,10 @@ def test_split_is_stratified_disjoint_and_fixed():
     a, b = split_train_val(ds), split_train_val(ds)
     assert len(a.train_y) + len(a.val_y) == 1000 and abs(len(a.val_y) - 100) <= 10
     assert torch.equal(a.val_x, b.val_x)
+    # disjoint and complete, checked on the images themselves (the synthetic ones are all distinct)
+    rows = lambda x: {bytes(img.numpy().tobytes()) for img in x}
+    train_imgs, val_imgs, all_imgs = rows(a.train_x), rows(a.val_x), rows(ds.train_x)
+    assert len(all_imgs) == 1000 and not train_imgs & val_imgs and train_imgs | val_imgs == all_imgs
     for c in range(10):
         n_c = (ds.train_y == c).sum()
         assert (a.val_y == c).sum() == round(int(n_c) * 0.1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,6 +30,8 @@ from ..errors import UserError
 from .base import KDChoice, Operator, Params, State, StepContext
 
 T_MIN, T_MAX = 1.0, 20.0
+# The recommended operator, at one stable path (README, scripts and tests use it).
+SHIPPED_OPERATOR = str(Path(__file__).resolve().parents[2] / "checkpoints" / "operator.pt")
 P = 10.0  # gradient preprocessing constant of Andrychowicz et al.
 
 
