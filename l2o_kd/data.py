@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .checkpoint import save_atomic
 from .errors import UserError
@@ -186,7 +187,7 @@ def _decode_archive(path: Path) -> dict[str, torch.Tensor]:
     files: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
     try:
         with tarfile.open(path, "r:gz") as tar:
-            for member in tar:
+            for member in tqdm(tar, desc=f"reading {path.name} (decoded once, then cached)", unit=" files", disable=None, leave=False):
                 parts = member.name.split("/")
                 if not member.isfile() or not member.name.lower().endswith(IMAGE_SUFFIXES) or len(parts) < 3:
                     continue
@@ -217,7 +218,8 @@ def _decode_files(files: dict[str, list[tuple[str, str, bytes]]], where: Path) -
     out = {}
     for split, items in files.items():
         items.sort(key=lambda it: (it[0], it[1]))
-        images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for _, _, b in items]
+        progress = tqdm(items, desc=f"decoding {split} images", disable=None, leave=False)  # disable=None: only on a terminal
+        images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for _, _, b in progress]
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if images else torch.empty(0, 3, 32, 32)
         out[f"{split}_x"] = x.to(torch.uint8)
         out[f"{split}_y"] = torch.tensor([classes.index(c) for c, _, _ in items], dtype=torch.int64)

@@ -136,10 +136,10 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys, tea
         (["deploy", "--student", "vgg", "--runs-dir", str(runs)], "unknown model"),
         (["deploy", "--lr", "-1", "--runs-dir", str(runs)], "--lr must be positive"),
         (["deploy", "--device", "cuda:7" if torch.cuda.is_available() else "cuda", "--runs-dir", str(runs)], "cuda"),
-        (["deploy", "--data-root", str(tmp_path / "nodata"), "--beta", "0", "--runs-dir", str(runs)], "no CIFAR-10 found"),
         (["deploy", "--optimizer", SHIPPED_OPERATOR, "--beta", "0.3", "--runs-dir", str(runs)], "drop --beta"),
         (["deploy", "--optimizer", SHIPPED_OPERATOR, "--temperature", "2", "--lr", "0.1", "--runs-dir", str(runs)], "drop --lr, --temperature"),
         (["deploy", "--optimizer", SHIPPED_OPERATOR, "--tune-kd", "greedy", "--runs-dir", str(runs)], "drop --tune-kd"),
+        (["deploy", "--data-root", str(tmp_path / "nodata"), "--beta", "0", "--runs-dir", str(runs)], "no CIFAR-10 found"),
         (["deploy", "--nonsense-flag"], "No such option"),
     ]
     for args, message in cases[:-2] + cases[-1:]:
