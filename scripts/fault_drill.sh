@@ -83,12 +83,15 @@ msg=$($L2O deploy --student tiny --operator sgd --lr 1e6 --steps 400 --eval-ever
 kept=$(python -c "import torch; print(torch.load('$OUT/runs/nan/checkpoint.pt', weights_only=True)['train_state']['step'])" 2>/dev/null || echo none)
 row "SGD at lr 1e6 (loss becomes NaN)" "exit $code: $msg; checkpoint kept at step $kept" "$([ $code = 1 ] && echo yes || echo NO)"
 
-# 6. disk full while checkpointing (files limited to 64 KiB with ulimit -f), then space again
-before=$(md5sum < "$OUT/runs/full/checkpoint.pt")
-msg=$( (ulimit -f 64; $L2O "${D[@]/1000/1400}" --run-name full --resume 2>&1 >/dev/null) ); code=$?
-after=$(md5sum < "$OUT/runs/full/checkpoint.pt")
-$L2O "${D[@]/1000/1400}" --run-name full --resume > /dev/null
-row "disk full while writing the step-1200 checkpoint" "exit $code: $msg; old checkpoint $([ "$before" = "$after" ] && echo intact || echo CHANGED); rerun with space: step $(last "$OUT/runs/full" test_acc | cut -d' ' -f1)" "$([ $code = 1 ] && [ "$before" = "$after" ] && echo yes || echo NO)"
+# 6. disk full while checkpointing (files limited to 64 KiB with ulimit -f), then space again: a run
+# killed after 2 evaluations (so at least one checkpoint is whole) is resumed on a full disk (--resume
+# continues the same run only)
+kill_after "$OUT/runs/disk/metrics.jsonl" 2 $L2O "${D[@]}" --run-name disk > /dev/null
+before=$(md5sum < "$OUT/runs/disk/checkpoint.pt")
+msg=$( (ulimit -f 64; $L2O "${D[@]}" --run-name disk --resume 2>&1 >/dev/null) ); code=$?
+after=$(md5sum < "$OUT/runs/disk/checkpoint.pt")
+$L2O "${D[@]}" --run-name disk --resume > /dev/null
+row "disk full while writing the next checkpoint" "exit $code: $msg; old checkpoint $([ "$before" = "$after" ] && echo intact || echo CHANGED); rerun with space: step $(last "$OUT/runs/disk" test_acc | cut -d' ' -f1)" "$([ $code = 1 ] && [ "$before" = "$after" ] && echo yes || echo NO)"
 
 # 7. bad flags: one line, exit 2, nothing written
 for flags in "--student vgg" "--lr -1" "--beta 1.5" "--data-root /nonexistent" "--device cuda"; do
