@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
-from .config import ES_PARAMS, CompareConfig, MetaConfig, TrainConfig
+from .config import CLIP_MODES, ES_PARAMS, KD_FORMS, LOOKAHEADS, CompareConfig, MetaConfig, TrainConfig
 from .errors import Diverged, UserError
 
 T, M, C = TrainConfig, MetaConfig, CompareConfig  # every default below is the config's own (declared once, in config.py)
+KD_FORM_HELP = "KD loss: hinton = (1-beta) CE + beta T^2 KL; paper = (1-beta) CE + beta KL (no T^2, as Gorpinich et al.'s code)."
 
 
 def training_options(f):
@@ -111,12 +112,22 @@ def student_options(f):
         click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt]."),
         click.option("--beta", type=float, default=T.beta, show_default=True, help="Weight of the KD term, in [0, 1]; 0 = no KD."),
         click.option("--temperature", type=float, default=T.temperature, show_default=True),
-        click.option("--tune-kd", default=None, help="greedy | unrolled | extrapolate: move (beta, T) by validation hypergradients."),
+        click.option("--kd-form", type=click.Choice(KD_FORMS), default=T.kd_form, show_default=True, help=KD_FORM_HELP),
+        click.option("--tune-kd", default=None,
+                     help="greedy | unrolled | extrapolate | extrapolate-periodic: move (beta, T) by validation hypergradients."),
         click.option("--hyper-lr", type=float, default=T.hyper_lr, show_default=True),
-        click.option("--hyper-clip", type=float, default=T.hyper_clip, show_default=True, help="Hypergradient norm clip."),
+        click.option("--hyper-clip", type=float, default=T.hyper_clip, show_default=True, help="Hypergradient clip (0: none)."),
+        click.option("--hyper-clip-mode", type=click.Choice(CLIP_MODES), default=T.hyper_clip_mode, show_default=True,
+                     help="norm: scale the hypergradient to norm <= clip; value: clamp each component to [-clip, clip]."),
+        click.option("--hyper-lookahead", type=click.Choice(LOOKAHEADS), default=T.hyper_lookahead, show_default=True,
+                     help="Greedy look-ahead step at the current lr, or at the base lr with the hypergradient scaled by current/base lr (the paper's code)."),
         click.option("--hyper-every", type=int, default=T.hyper_every, show_default=True, help="Steps between hyper-steps."),
         click.option("--hyper-unroll", type=int, default=T.hyper_unroll, show_default=True, help="unrolled: steps differentiated through."),
         click.option("--extrapolate-after", type=float, default=T.extrapolate_after, show_default=True, help="extrapolate: fraction of the run in the greedy phase."),
+        click.option("--periodic-greedy", type=int, default=T.periodic_greedy, show_default=True,
+                     help="extrapolate-periodic: greedy steps per cycle, fitted by a line."),
+        click.option("--periodic-follow", type=int, default=T.periodic_follow, show_default=True,
+                     help="extrapolate-periodic: steps per cycle following the line."),
     ]
     f = optimizer_options(lr=T.lr, schedule=T.schedule)(training_options(f))
     for option in reversed(options):
@@ -157,6 +168,7 @@ def search(method, trials, retrain_seeds, out, **kw):
 @click.option("--dataset", default=M.dataset, show_default=True)
 @click.option("--data-root", default=None)
 @click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt].")
+@click.option("--kd-form", type=click.Choice(KD_FORMS), default=M.kd_form, show_default=True, help=KD_FORM_HELP)
 @click.option("--students", default=M.students, show_default=True, help="Comma-separated student family of the episodes.")
 @click.option("--method", type=click.Choice(["tbptt", "es"]), default=M.method, show_default=True,
               help="Meta-gradient: truncated backprop through unrolls, or antithetic ES on end-of-episode val loss.")
@@ -207,7 +219,7 @@ def meta_train_cmd(threads, resume, no_progress, **kw):
 
 @cli.command()
 @click.option("--operators", default=C.operators, show_default=True,
-              help="Comma-separated: sgd | adam | adamw | BASE+greedy|unrolled|extrapolate | ckpt:PATH (a learned operator).")
+              help="Comma-separated: sgd | adam | adamw | BASE+greedy|unrolled|extrapolate|extrapolate-periodic | ckpt:PATH (a learned operator).")
 @click.option("--seeds", type=int, default=C.seeds, show_default=True, help="Seeds 0..N-1 (student initialization and data order).")
 @click.option("--student", default=C.student, show_default=True)
 @click.option("--epochs", type=float, default=C.epochs, show_default=True)
@@ -218,6 +230,7 @@ def meta_train_cmd(threads, resume, no_progress, **kw):
 @click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt].")
 @click.option("--beta", type=float, default=C.beta, show_default=True, help="Fixed KD weight of the classic operators.")
 @click.option("--temperature", type=float, default=C.temperature, show_default=True)
+@click.option("--kd-form", type=click.Choice(KD_FORMS), default=C.kd_form, show_default=True, help=KD_FORM_HELP)
 @click.option("--batch-size", type=int, default=C.batch_size, show_default=True)
 @click.option("--momentum", type=float, default=C.momentum, show_default=True, help="SGD momentum.")
 @click.option("--schedule", default=C.schedule, show_default=True, help="lr schedule of the classic operators: constant | step | cosine | onecycle.")

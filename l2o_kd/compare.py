@@ -50,7 +50,7 @@ RESULTS, FAILURES, SUMMARY, TUNING = "results.jsonl", "failures.jsonl", "summary
 LEARNED = "learned_operators.json"  # {label: content digest} of the learned operators a folder ran
 TUNE_SEED = seed_ranges.tuning_seed(0)  # the student of every lr-tuning run
 # CompareConfig fields that decide a cell's result (with the resolved steps and the teacher's digest)
-DECISIVE = ("student", "dataset", "beta", "temperature", "batch_size", "momentum", "schedule", "lrs", "tune_lr", "tune_steps", "evals")
+DECISIVE = ("student", "dataset", "beta", "temperature", "kd_form", "batch_size", "momentum", "schedule", "lrs", "tune_lr", "tune_steps", "evals")
 
 
 @dataclass(frozen=True)
@@ -300,6 +300,7 @@ def _run_config(
         teacher=cfg.teacher,
         beta=cfg.beta,
         temperature=cfg.temperature,
+        kd_form=cfg.kd_form,
         operator=spec.base,
         lr=lrs.get(spec.base, 1.0),
         momentum=cfg.momentum,

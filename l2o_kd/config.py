@@ -13,6 +13,15 @@ from typing import Any, ClassVar
 from . import seeds as seed_ranges
 from .errors import UserError
 
+KD_FORMS = ("hinton", "paper")  # the KD loss convention: with or without T^2 on the KL term (distill.py)
+CLIP_MODES = ("norm", "value")  # how the hypergradient is clipped (hypergrad.py)
+LOOKAHEADS = ("current", "base")  # the lr of the greedy hypergradient's look-ahead step (hypergrad.py)
+
+
+def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
 
 @dataclass
 class TrainConfig:
@@ -23,6 +32,7 @@ class TrainConfig:
     teacher: str | None = None  # teacher checkpoint; None or beta == 0 (and no operator choosing beta): no KD
     beta: float = 0.5
     temperature: float = 4.0
+    kd_form: str = "hinton"  # hinton: (1-beta) CE + beta T^2 KL | paper: (1-beta) CE + beta KL (Gorpinich et al.'s code)
     operator: str = "sgd"  # sgd | adam | adamw | path to a learned-operator checkpoint
     lr: float = 0.1
     momentum: float = 0.9
@@ -31,12 +41,16 @@ class TrainConfig:
     schedule: str = "constant"  # constant | step | cosine | onecycle
     lr_step_epochs: float = 10.0  # "step" schedule: multiply lr by lr_gamma every this many epochs
     lr_gamma: float = 0.5
-    tune_kd: str | None = None  # greedy | unrolled | extrapolate: (beta, T) moved by hypergradients
+    tune_kd: str | None = None  # greedy | unrolled | extrapolate | extrapolate-periodic: (beta, T) moved by hypergradients
     hyper_lr: float = 0.25
     hyper_clip: float = 0.01
+    hyper_clip_mode: str = "norm"  # norm: scale the hypergradient to norm <= clip | value: clamp each component to [-clip, clip]
+    hyper_lookahead: str = "current"  # greedy look-ahead step at the current lr | base: at the base lr, hypergradient x (current / base lr)
     hyper_every: int = 1
     hyper_unroll: int = 3
     extrapolate_after: float = 0.5  # extrapolate: fraction of the run spent in the greedy phase
+    periodic_greedy: int = 10  # extrapolate-periodic: greedy steps per cycle (the points of the fitted line)
+    periodic_follow: int = 90  # extrapolate-periodic: steps per cycle that follow the fitted line
     epochs: float = 10.0
     steps: int | None = None  # wins over epochs
     batch_size: int = 128
@@ -81,6 +95,11 @@ class TrainConfig:
             raise UserError(f"--beta must lie in [0, 1], got {self.beta}")
         if not self.temperature > 0:
             raise UserError(f"--temperature must be positive, got {self.temperature}")
+        check_choice("--kd-form", self.kd_form, KD_FORMS)
+        check_choice("--hyper-clip-mode", self.hyper_clip_mode, CLIP_MODES)
+        check_choice("--hyper-lookahead", self.hyper_lookahead, LOOKAHEADS)
+        if self.periodic_greedy < 1 or self.periodic_follow < 0:
+            raise UserError("--periodic-greedy must be positive and --periodic-follow non-negative")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.steps is None and not self.epochs > 0 or self.steps is not None and self.steps < 1:
@@ -117,6 +136,7 @@ class CompareConfig:
     teacher: str | None = None
     beta: float = TrainConfig.beta  # the fixed KD of the classic operators (and the start of the KD-tuning ones)
     temperature: float = TrainConfig.temperature
+    kd_form: str = TrainConfig.kd_form
     batch_size: int = TrainConfig.batch_size
     momentum: float = TrainConfig.momentum
     schedule: str = TrainConfig.schedule  # lr schedule of the classic operators (tuning runs included)
@@ -135,6 +155,7 @@ class CompareConfig:
         from .operators import CLASSIC, Schedule
 
         Schedule(self.schedule, step_size=1)  # validates the name
+        check_choice("--kd-form", self.kd_form, KD_FORMS)
         if self.seeds < 1 or self.tune_lr < 0 or self.evals < 1:
             raise UserError("--seeds and --evals must be positive, --tune-lr non-negative")
         seed_ranges.check(range(self.seeds), "evaluation", "--seeds")
@@ -157,6 +178,7 @@ class MetaConfig:
     dataset: str = "cifar10"
     data_root: str | None = None
     teacher: str | None = None
+    kd_form: str = TrainConfig.kd_form  # the KD loss convention of the episodes (and of meta-validation)
     students: str = "tiny,tiny_wide"
     method: str = "tbptt"  # tbptt | es
     unroll: int = 20
@@ -194,6 +216,7 @@ class MetaConfig:
             raise UserError("--unroll, --meta-steps and --validate-every must be positive")
         if not self.meta_lr > 0:
             raise UserError(f"--meta-lr must be positive, got {self.meta_lr}")
+        check_choice("--kd-form", self.kd_form, KD_FORMS)
         if self.method not in ("tbptt", "es"):
             raise UserError(f"--method must be tbptt or es, got {self.method!r}")
         if self.method == "es" and not (self.sigma > 0 and self.pairs >= 1 and self.es_eval >= 1):

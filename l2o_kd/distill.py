@@ -1,11 +1,13 @@
-"""The knowledge-distillation loss and its gradients.
+"""The knowledge-distillation loss and its gradients, in one of two conventions (``kd_form``):
 
-    L(w; beta, T) = (1 - beta) * CE(s, y) + beta * T^2 * KL(softmax(t / T) || softmax(s / T))
+    hinton: L(w; beta, T) = (1 - beta) * CE(s, y) + beta * T^2 * KL(softmax(t / T) || softmax(s / T))
+    paper:  L(w; beta, T) = (1 - beta) * CE(s, y) + beta * KL(softmax(t / T) || softmax(s / T))
 
 with student logits ``s``, teacher logits ``t``, beta in [0, 1] and T > 0. The T^2 factor keeps the
-gradient of the KD term on the scale of the CE term as T changes (Hinton et al. 2015). Note: the
-code released with Gorpinich et al. weights the other term by beta and drops T^2; we use the
-formula above throughout.
+gradient of the KD term on the scale of the CE term as T changes (Hinton et al. 2015); the code
+released with Gorpinich et al. has no T^2 (its ``param_loss``: ``lambda1 * distill + (1 - lambda1) * CE``).
+:func:`_kl_weights` is the one place that knows the two conventions; every function here takes
+``kd_form`` ("hinton" by default) and refuses any other value.
 """
 
 from __future__ import annotations
@@ -15,35 +17,49 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import KD_FORMS, check_choice
 from .models import apply, frozen
+
+
+def _kl_weights(temperature, kd_form: str):
+    """(the factor on KL in the KD term, the factor on ``(softmax(s/T) - softmax(t/T)) / n`` in its
+    gradient w.r.t. the logits): ``(T^2, T)`` for hinton, ``(1, 1/T)`` for paper, since
+    ``d KL / d s = (softmax(s/T) - softmax(t/T)) / (n T)``."""
+    if kd_form == "hinton":
+        return temperature**2, temperature
+    if kd_form == "paper":
+        return 1.0, 1 / temperature
+    check_choice("kd_form", kd_form, KD_FORMS)
+    raise AssertionError(kd_form)  # every value of KD_FORMS is handled above
 
 
 @dataclass
 class KDTerms:
     total: torch.Tensor
     ce: torch.Tensor
-    kd: torch.Tensor  # T^2 * KL, the term beta multiplies
+    kd: torch.Tensor  # the term beta multiplies: T^2 * KL (hinton) or KL (paper)
 
 
-def kd_terms(student: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor, beta, temperature) -> KDTerms:
+def kd_terms(student: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor, beta, temperature, kd_form: str = "hinton") -> KDTerms:
     """Both terms and their mix. ``beta`` and ``temperature`` may be tensors (differentiable)."""
     ce = F.cross_entropy(student, y)
     if teacher is None:
         return KDTerms(ce, ce, torch.zeros_like(ce))
-    kd = kd_term(student, teacher, temperature)
+    kd = kd_term(student, teacher, temperature, kd_form)
     return KDTerms((1 - beta) * ce + beta * kd, ce, kd)
 
 
-def kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch."""
+def kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature, kd_form: str = "hinton") -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) (hinton) or the KL alone (paper), averaged over the batch."""
+    weight, _ = _kl_weights(temperature, kd_form)
     log_p_s = F.log_softmax(student / temperature, dim=1)
     log_p_t = F.log_softmax(teacher / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
-    return temperature**2 * kl
+    return weight * kl
 
 
-def kd_loss(student, teacher, y, beta, temperature) -> torch.Tensor:
-    return kd_terms(student, teacher, y, beta, temperature).total
+def kd_loss(student, teacher, y, beta, temperature, kd_form: str = "hinton") -> torch.Tensor:
+    return kd_terms(student, teacher, y, beta, temperature, kd_form).total
 
 
 def batch_ce(model, params, buffers, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -52,22 +68,24 @@ def batch_ce(model, params, buffers, x: torch.Tensor, y: torch.Tensor) -> torch.
     return F.cross_entropy(apply(model, params, frozen(buffers), x, train=True), y)
 
 
-def kd_logit_gradient(s: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, beta, temperature) -> torch.Tensor:
-    """d L / d s for student logits ``s``: ``(1-beta) (softmax(s) - onehot(y)) / n + beta T (softmax(s/T) - softmax(t/T)) / n``."""
+def kd_logit_gradient(s: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, beta, temperature, kd_form: str = "hinton") -> torch.Tensor:
+    """d L / d s for student logits ``s``: ``(1-beta) (softmax(s) - onehot(y)) / n + beta c (softmax(s/T) - softmax(t/T)) / n``
+    with ``c = T`` (hinton) or ``1/T`` (paper)."""
+    _, scale = _kl_weights(temperature, kd_form)
     n = len(y)
     delta_ce = (F.softmax(s, 1) - F.one_hot(y, s.shape[1]).to(s)) / n
-    delta_kd = temperature * (F.softmax(s / temperature, 1) - F.softmax(teacher / temperature, 1)) / n
+    delta_kd = scale * (F.softmax(s / temperature, 1) - F.softmax(teacher / temperature, 1)) / n
     return (1 - beta) * delta_ce + beta * delta_kd
 
 
-def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second_order: bool = False):
+def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second_order: bool = False, kd_form: str = "hinton"):
     """Gradient of the KD loss w.r.t. ``params`` that stays differentiable in ``beta`` and
     ``temperature`` (and in ``params`` too when ``second_order``), for meta- and hypergradients.
 
-    Built in logit space with one backward pass: ``g = J_s^T [(1-beta) dCE/ds + beta d(T^2 KL)/ds]``
-    with ``dCE/ds = (softmax(s) - onehot(y)) / n`` and ``d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T)) / n``.
-    First order (the default), ``J_s`` is taken at detached weights. Returns (grads, ce, kd) with the
-    two loss terms as floats.
+    Built in logit space with one backward pass: ``g = J_s^T [(1-beta) dCE/ds + beta dKD/ds]`` with
+    ``dCE/ds = (softmax(s) - onehot(y)) / n`` and, for the KD term, ``d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T)) / n``
+    (hinton) or ``d KL/ds = (softmax(s/T) - softmax(t/T)) / (n T)`` (paper). First order (the default),
+    ``J_s`` is taken at detached weights. Returns (grads, ce, kd) with the two loss terms as floats.
     """
     if second_order:
         w = {k: v if v.requires_grad else v.requires_grad_(True) for k, v in params.items()}
@@ -75,7 +93,7 @@ def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second
         w = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     s = apply(model, w, buffers, x, train=True)
     with torch.no_grad():
-        ce, kd = F.cross_entropy(s, y), kd_term(s, teacher, temperature)
-    delta = kd_logit_gradient(s if second_order else s.detach(), teacher, y, beta, temperature)
+        ce, kd = F.cross_entropy(s, y), kd_term(s, teacher, temperature, kd_form)
+    delta = kd_logit_gradient(s if second_order else s.detach(), teacher, y, beta, temperature, kd_form)
     grads = torch.autograd.grad(s, list(w.values()), grad_outputs=delta, create_graph=True)
     return dict(zip(w, grads)), float(ce), float(kd)

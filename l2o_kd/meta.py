@@ -13,7 +13,7 @@ from detached tensors, so memory stays bounded however long the episode is.
 
 The gradient fed to the operator is built in logit space,
 
-    g = J_s^T [ (1 - beta) * dCE/ds + beta * d(T^2 KL)/ds (T) ],
+    g = J_s^T [ (1 - beta) * dCE/ds + beta * d(T^2 KL)/ds (T) ]    (T^2 KL: KL alone with --kd-form paper),
 
 with the student Jacobian ``J_s`` taken at detached weights (first order) but the bracket kept
 differentiable in beta and T: the meta-gradient then reaches the head that chooses beta_t and T_t
@@ -107,7 +107,8 @@ def train_step(operator: LSTMOperator, ep: Episode) -> None:
     """One operator step of the episode on a train minibatch, with the KD (beta, T) the operator chose."""
     x, y, idx = ep.batch("train")
     kd = operator.kd(ep.state)
-    grads, ce, kdl = kd_gradient(ep.model, ep.params, ep.buffers, x, y, ep.logits[idx.to(ep.logits.device)], kd.beta, kd.temperature, ep.cfg.second_order)
+    grads, ce, kdl = kd_gradient(ep.model, ep.params, ep.buffers, x, y, ep.logits[idx.to(ep.logits.device)], kd.beta, kd.temperature,
+                                 ep.cfg.second_order, ep.cfg.kd_form)
     beta = float(kd.beta.detach())
     ctx = StepContext(ep.step, ep.length, (1 - beta) * ce + beta * kdl, ce, kdl)
     ep.params, ep.state, _ = operator.step(ep.params, grads, ep.state, ctx)
@@ -350,7 +351,7 @@ def meta_validate(operator: Operator, cfg: MetaConfig, splits: Splits, out_dir: 
             if name == "adam" and seed in adam_cache:
                 accs[row, i] = adam_cache[seed]
                 continue
-            tc = TrainConfig(model="tiny", dataset=cfg.dataset, teacher=cfg.teacher, operator=name, steps=cfg.val_horizon,
+            tc = TrainConfig(model="tiny", dataset=cfg.dataset, teacher=cfg.teacher, kd_form=cfg.kd_form, operator=name, steps=cfg.val_horizon,
                              batch_size=cfg.batch_size, seed=seed, device=cfg.device, runs_dir=str(out_dir), run_name=f"{name}-s{seed}",
                              progress=False, log_every=10)
             try:

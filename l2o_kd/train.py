@@ -73,7 +73,9 @@ def build_operator(cfg: TrainConfig, steps_per_epoch: int, total_steps: int, dev
         from .hypergrad import HyperKD
 
         switch = max(1, round(cfg.extrapolate_after * total_steps))
-        op = HyperKD(op, cfg.tune_kd, cfg.beta, cfg.temperature, cfg.hyper_lr, cfg.hyper_clip, cfg.hyper_every, cfg.hyper_unroll, switch)
+        op = HyperKD(op, cfg.tune_kd, cfg.beta, cfg.temperature, cfg.hyper_lr, cfg.hyper_clip, cfg.hyper_every, cfg.hyper_unroll, switch,
+                     kd_form=cfg.kd_form, clip_mode=cfg.hyper_clip_mode, lookahead=cfg.hyper_lookahead,
+                     greedy_len=cfg.periodic_greedy, follow_len=cfg.periodic_follow)
     return op
 
 
@@ -103,7 +105,7 @@ def run_fingerprint(cfg: TrainConfig, teacher_file: Path | None) -> dict[str, An
 
 def _check_resume(ck: dict, fingerprint: dict[str, Any], run_dir: Path) -> None:
     """Refuse to continue a run whose result-deciding configuration differs from this one (a checkpoint
-    saved before fingerprints existed is compared on the config fields it holds)."""
+    saved before fingerprints existed is compared on its config, fields it lacks taking their defaults)."""
     saved = ck["config"].get("fingerprint") or TrainConfig.from_dict(ck["config"]).decisive()
     for key in sorted(fingerprint.keys() & saved.keys()):
         if fingerprint[key] != saved[key]:
@@ -199,7 +201,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
             with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=cfg.amp):
                 logits = apply(model, params, buffers, batch.x, train=True).float()
             t_logits = teacher.logits(batch) if teacher else None
-            terms = kd_terms(logits, t_logits, batch.y, beta, temperature)
+            terms = kd_terms(logits, t_logits, batch.y, beta, temperature, cfg.kd_form)
             grads = dict(zip(params, torch.autograd.grad(terms.total, list(params.values()))))
             stats = torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == batch.y).float().mean()]).detach()
             if dist:  # the gradient and loss of the global batch: means over equal shards

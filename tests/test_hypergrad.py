@@ -1,13 +1,21 @@
+import dataclasses
+import json
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FAST, interrupted_then_resumed
 from torch import nn
 
-from l2o_kd.config import TrainConfig
+from l2o_kd.checkpoint import load_checkpoint
+from l2o_kd.cli import main
+from l2o_kd.compare import OperatorSpec, _run_config
+from l2o_kd.config import CompareConfig, TrainConfig
 from l2o_kd.distill import kd_gradient, kd_loss
-from l2o_kd.hypergrad import Batches, HyperKD, add_point, line_at, project
-from l2o_kd.operators import SGD, Adam, StepContext
+from l2o_kd.errors import UserError
+from l2o_kd.hypergrad import Batches, HyperKD, add_point, clip_hypergradient, line_at, project
+from l2o_kd.operators import SGD, Adam, Schedule, StepContext
 from l2o_kd.runlog import read_metrics
 from l2o_kd.train import train
 
@@ -34,13 +42,23 @@ def _detached(tree):
     return {k: v.detach() for k, v in tree.items()}
 
 
-def _real_steps(model, params, inner, data, hs):
+def _warm_state(inner, model, params):
+    """The operator's state after one step on another batch: Adam's first step from zero moments,
+    ``-lr g / (|g| + eps)``, hardly depends on the scale of g, so neither on (beta, T)."""
+    g = torch.Generator().manual_seed(1)
+    x, y, t = torch.randn(16, 3, 2, 2, generator=g, dtype=torch.float64), torch.randint(4, (16,), generator=g), torch.randn(16, 4, generator=g, dtype=torch.float64)
+    grads = _detached(kd_gradient(model, params, {}, x, y, t, 0.5, 2.0)[0])
+    return inner.step(params, grads, inner.init(params), StepContext(0, 10))[1]
+
+
+def _real_steps(model, params, inner, data, hs, kd_form="hinton", state=None):
     """The steps as the training loop takes them (step i: batch data[i], (beta, T) = hs[i], first-order
-    gradient at detached weights, no graph): the window HyperKD stores, and the weights after it."""
-    window, p, s = [], params, inner.init(params)
+    gradient at detached weights, no graph) from operator state ``state`` (default: a fresh one): the
+    window HyperKD stores, and the weights after it."""
+    window, p, s = [], params, inner.init(params) if state is None else state
     for i, ((x, y, t), h) in enumerate(zip(data, hs)):
         window.append({"params": p, "inner": s, "x": x, "y": y, "t": t, "h": h, "step": i})
-        g = kd_gradient(model, p, {}, x, y, t, h[0], h[1])[0]
+        g = kd_gradient(model, p, {}, x, y, t, h[0], h[1], kd_form=kd_form)[0]
         p, s, _ = inner.step(p, _detached(g), s, StepContext(i, 10))
     return window, p
 
@@ -50,9 +68,9 @@ def _val_loss(model, params, val):
     return F.cross_entropy(torch.func.functional_call(model, params, (xv,)), yv).item()
 
 
-def _val_after(model, params, inner, data, val, hs):
+def _val_after(model, params, inner, data, val, hs, kd_form="hinton", state=None):
     """The function being differentiated: L_val after the steps data[i] taken with hyperparameters hs[i]."""
-    return _val_loss(model, _real_steps(model, params, inner, data, hs)[1], val)
+    return _val_loss(model, _real_steps(model, params, inner, data, hs, kd_form, state)[1], val)
 
 
 def _batches(model, data, val):
@@ -60,31 +78,34 @@ def _batches(model, data, val):
     return Batches(model, {}, x, y, t, lambda: val)
 
 
-def _hypergradient(op, model, params, data, val, hs):
+def _hypergradient(op, model, params, data, val, hs, state=None):
     """HyperKD's hypergradient after the real steps (greedy: of the one step data[0] with hs[0])."""
-    window, _ = _real_steps(model, params, op.inner, data, hs)
+    window, _ = _real_steps(model, params, op.inner, data, hs, op.kd_form, state)
     b, ctx = _batches(model, data, val), StepContext(0, 10)
     if op.method == "unrolled":
         return op.unrolled_hypergradient(window, b, ctx)
     (w,) = window
-    g = kd_gradient(model, w["params"], {}, w["x"], w["y"], w["t"], w["h"][0], w["h"][1])[0]
+    g = kd_gradient(model, w["params"], {}, w["x"], w["y"], w["t"], w["h"][0], w["h"][1], kd_form=op.kd_form)[0]
     return op.greedy_hypergradient(w["h"], w["params"], _detached(g), w["inner"], b, ctx)
 
 
+@pytest.mark.parametrize("kd_form", ["hinton", "paper"])
 @INNERS
 @METHODS
-def test_hypergradient_matches_finite_differences(inner, method, k):
+def test_hypergradient_matches_finite_differences(inner, method, k, kd_form):
     """In the unrolled window every step has its own (beta, T), as in a real run; the hypergradient is
     the derivative w.r.t. a common shift of all of them, checked by central differences (float64:
-    truncation O(eps^2) ~ 1e-12, rounding ~ 1e-16 / eps = 1e-10 absolute)."""
+    truncation O(eps^2) ~ 1e-12, rounding ~ 1e-16 / eps = 1e-10 absolute), in both KD conventions
+    (the training steps and the hypergradient in the same one), from a warm operator state."""
     model, params, data, val = _setup()
-    data, hs = data[:k], _hs(k)
-    dh = _hypergradient(HyperKD(inner, method, unroll=k), model, params, data, val, hs)
+    data, hs, state = data[:k], _hs(k), _warm_state(inner, model, params)
+    dh = _hypergradient(HyperKD(inner, method, unroll=k, kd_form=kd_form), model, params, data, val, hs, state)
     eps = 1e-6
     for j in range(2):
         e = torch.zeros(2, dtype=torch.float64)
         e[j] = eps
-        fd = (_val_after(model, params, inner, data, val, [h + e for h in hs]) - _val_after(model, params, inner, data, val, [h - e for h in hs])) / (2 * eps)
+        fd = (_val_after(model, params, inner, data, val, [h + e for h in hs], kd_form, state)
+              - _val_after(model, params, inner, data, val, [h - e for h in hs], kd_form, state)) / (2 * eps)
         assert abs(dh[j].item() - fd) <= 1e-3 * abs(fd) + 1e-10, (j, dh[j].item(), fd)
         assert abs(fd) > 1e-8  # a real, non-zero dependence
 
@@ -170,7 +191,7 @@ def test_extrapolation_reproduces_a_linear_trajectory_exactly():
         assert torch.allclose(line_at(fit, step).float(), a + b * step, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["greedy", "extrapolate"])
+@pytest.mark.parametrize("method", ["greedy", "extrapolate", "extrapolate-periodic"])
 def test_short_synthetic_run_moves_the_hyperparameters(tmp_path, teacher_ckpt, method):
     cfg = TrainConfig(model="tiny", teacher=str(teacher_ckpt), tune_kd=method, beta=0.5, temperature=2.0, hyper_lr=0.5, hyper_clip=0.0,
                       lr=0.05, epochs=2, runs_dir=str(tmp_path), run_name=method, tensorboard=False, **FAST)
@@ -180,10 +201,175 @@ def test_short_synthetic_run_moves_the_hyperparameters(tmp_path, teacher_ckpt, m
     assert 0 <= rows[-1]["beta"] <= 1 and 0.1 <= rows[-1]["temperature"] <= 10
 
 
-def test_resumed_hypergradient_run_equals_uninterrupted(tmp_path, teacher_ckpt, monkeypatch):
-    kw = dict(model="tiny", teacher=str(teacher_ckpt), tune_kd="greedy", beta=0.5, temperature=2.0, hyper_lr=0.5, hyper_clip=0.0,
-              lr=0.05, epochs=2, runs_dir=str(tmp_path), tensorboard=False, **FAST)
+PAPER_PROTOCOL = dict(tune_kd="extrapolate-periodic", kd_form="paper", hyper_clip=0.01, hyper_clip_mode="value", hyper_lookahead="base",
+                      momentum=0.0, schedule="step", lr_step_epochs=0.5, periodic_greedy=3, periodic_follow=5)
+
+
+@pytest.mark.parametrize("protocol", [dict(tune_kd="greedy", hyper_clip=0.0), PAPER_PROTOCOL], ids=["greedy", "paper"])
+def test_resumed_hypergradient_run_equals_uninterrupted(tmp_path, teacher_ckpt, monkeypatch, protocol):
+    """Also the paper's protocol, cut in a follow phase (step 28 of cycles of 8) whose line comes from
+    the checkpointed fit."""
+    kw = dict(model="tiny", teacher=str(teacher_ckpt), beta=0.5, temperature=2.0, hyper_lr=0.5,
+              lr=0.05, epochs=2, runs_dir=str(tmp_path), tensorboard=False, **FAST, **protocol)
     full = train(TrainConfig(run_name="full", **kw))
     resumed = interrupted_then_resumed(monkeypatch, kw, crash_at_step=28 + 4)
     for key in ("beta", "temperature", "val_loss", "test_acc"):
         assert resumed[key] == pytest.approx(full[key], abs=1e-6)
+
+
+LOOKAHEAD_INNERS = pytest.mark.parametrize("make", [lambda s: SGD(lr=0.5, momentum=0.9, schedule=s), lambda s: Adam(lr=0.05, schedule=s)],
+                                           ids=["sgd", "adam"])
+
+
+@LOOKAHEAD_INNERS
+def test_lookahead_current_and_base_are_the_gradients_they_claim(make):
+    """At step 5 of a step schedule (x0.5 every 2 steps: factor 0.25), ``current`` is the gradient of
+    L_val after the look-ahead step at the scheduled lr, and ``base`` is 0.25 x the gradient of L_val
+    after the step at the base lr (the released code's ``virtual_step`` at ``defaults['lr']`` and
+    ``-lr * hessian``). Central differences with the bounds of the test above, from a warm operator
+    state; the two differ."""
+    model, params, data, val = _setup()
+    x, y, t = data[0]
+    sched = Schedule("step", step_size=2, gamma=0.5)
+    ctx = StepContext(5, 10, batches=Batches(model, {}, x, y, t, lambda: val))
+    assert sched(5, 10) == 0.25
+
+    def grads(h):
+        return _detached(kd_gradient(model, params, {}, x, y, t, h[0], h[1], kd_form="paper")[0])
+
+    state = _warm_state(make(sched), model, params)
+
+    def val_after_step(inner, h):
+        p, _, _ = inner.step(params, grads(h), state, ctx)
+        return _val_loss(model, p, val)
+
+    h, eps, got = torch.tensor([0.4, 2.5], dtype=torch.float64), 1e-6, {}
+    for lookahead, differentiated, scale in (("current", make(sched), 1.0), ("base", make(Schedule()), 0.25)):
+        op = HyperKD(make(sched), "greedy", lookahead=lookahead, kd_form="paper")
+        got[lookahead] = dh = op.greedy_hypergradient(h, params, grads(h), state, ctx.batches, ctx)
+        for j in range(2):
+            e = torch.zeros(2, dtype=torch.float64)
+            e[j] = eps
+            fd = scale * (val_after_step(differentiated, h + e) - val_after_step(differentiated, h - e)) / (2 * eps)
+            assert abs(dh[j].item() - fd) <= 1e-3 * abs(fd) + 1e-10, (lookahead, j, dh[j].item(), fd)
+            assert abs(fd) > 1e-8
+    assert (got["current"] - got["base"]).abs().max() > 1e-2 * got["current"].abs().max(), got
+
+
+def test_lookahead_base_is_refused_where_it_has_no_meaning():
+    with pytest.raises(UserError, match="unrolled replays"):
+        HyperKD(SGD(), "unrolled", lookahead="base")
+    with pytest.raises(UserError, match="--hyper-lookahead must be one of current, base"):
+        TrainConfig(hyper_lookahead="ahead").validate()
+    with pytest.raises(UserError, match="--hyper-clip-mode must be one of norm, value"):
+        TrainConfig(hyper_clip_mode="max").validate()
+
+
+def test_value_clipping_bounds_every_component_and_norm_clipping_the_norm():
+    dh = torch.tensor([0.5, -0.003, -2.0, 0.008], dtype=torch.float64)
+    assert clip_hypergradient(dh, 0.01, "value").tolist() == [0.01, -0.003, -0.01, 0.008]  # clamped, the small ones kept
+    n = clip_hypergradient(dh, 0.01, "norm")
+    # norm clip * (1 - 1e-12 / |dh|) (the guard against |dh| = 0), up to rounding; the same direction
+    assert 0.01 * (1 - 1e-12) <= n.norm().item() <= 0.01 and torch.allclose(n * (dh.norm() / n.norm()), dh, rtol=1e-14, atol=0)
+    small = torch.tensor([0.001, -0.002], dtype=torch.float64)
+    for mode in ("value", "norm"):
+        assert torch.equal(clip_hypergradient(small, 0.01, mode), small) and torch.equal(clip_hypergradient(dh, 0.0, mode), dh)
+
+
+def _scripted(op: HyperKD, dh_of_step):
+    """Replace the greedy hypergradient by a scripted one; returns the steps at which it was asked for."""
+    calls = []
+
+    def greedy_hypergradient(h, params, grads, inner_state, b, ctx):
+        calls.append(ctx.step)
+        return dh_of_step(ctx.step).to(h)
+
+    op.greedy_hypergradient = greedy_hypergradient
+    return calls
+
+
+def _run_steps(op: HyperKD, n: int) -> list[torch.Tensor]:
+    """The (beta, T) each of ``n`` steps uses (the inner operator moves nothing: zero gradients)."""
+    params = {"w": torch.zeros(3, dtype=torch.float64)}
+    state, used = op.init(params), []
+    for t in range(n):
+        used.append(state["h"].clone())
+        _, state, _ = op.step(params, {"w": torch.zeros(3, dtype=torch.float64)}, state, StepContext(t, 1000))
+    return used
+
+
+def test_value_clipping_moves_each_coordinate_by_at_most_the_clip():
+    op = HyperKD(SGD(lr=0.1, momentum=0.0), "greedy", beta=0.5, temperature=2.0, hyper_lr=1.0, clip=0.01, clip_mode="value")
+    _scripted(op, lambda t: torch.tensor([5.0, -0.004], dtype=torch.float64))
+    used = _run_steps(op, 2)
+    assert torch.allclose(used[1], torch.tensor([0.49, 2.004], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_periodic_extrapolation_follows_the_line_fitted_to_each_greedy_phase():
+    """Cycles of G = 4 greedy steps and F = 6 followed ones, on a scripted (non-linear) hypergradient
+    sequence. Hypergradients are asked for only where the next step is a greedy one; the values used
+    at the followed steps are the projection of the least-squares line through the greedy phase's
+    values (cycle positions 0..3), evaluated at their own cycle position (np.polyfit in float64: the
+    two fits of <= 4 points of O(10) agree to ~1e-13, bound 1e-11); T's line leaves [0.1, 10] and is
+    projected. Greedy steps move h by the scripted hypergradient from the last value used."""
+    G, F = 4, 6
+    L = G + F
+    op = HyperKD(SGD(lr=0.1, momentum=0.0), "extrapolate-periodic", beta=0.5, temperature=2.0, hyper_lr=1.0, clip=0.0,
+                 greedy_len=G, follow_len=F)
+    script = lambda t: torch.tensor([0.01 * (-1) ** t + 0.002 * t, -0.6 - 0.1 * (t % 3)], dtype=torch.float64)
+    calls = _scripted(op, script)
+    n = 3 * L + 3
+    used = _run_steps(op, n)
+    assert calls == [t for t in range(n) if (t + 1) % L < G]
+    for t in calls[:-1]:
+        assert torch.allclose(used[t + 1], project(used[t] - script(t)), rtol=0, atol=1e-15), t
+    projected = False
+    for start in range(0, n - G + 1, L):  # the cycles whose greedy phase is complete
+        q = np.arange(G)
+        points = torch.stack(used[start:start + G]).numpy()
+        for c in range(2):
+            slope, intercept = np.polyfit(q, points[:, c], 1)
+            for pos in range(G, L):
+                if start + pos < n:
+                    line = intercept + slope * pos
+                    lo, hi = ((0.0, 1.0), (0.1, 10.0))[c]
+                    projected |= not lo <= line <= hi
+                    assert abs(used[start + pos][c].item() - min(max(line, lo), hi)) < 1e-11, (start, pos, c)
+    assert projected
+
+
+def test_kd_form_and_paper_protocol_travel_through_cli_config_checkpoint_and_resume(tmp_path, teacher_ckpt, capsys):
+    """The flags reach the saved config and the operator's config; a resume with another --kd-form is
+    refused (either way: a hinton run's fingerprint omits the default), the same flags are accepted."""
+    args = ["deploy", "--student", "tiny", "--dataset", "synthetic", "--batch-size", "64", "--teacher", str(teacher_ckpt), "--steps", "4",
+            "--eval-every", "2", "--lr", "0.05", "--runs-dir", str(tmp_path), "--no-progress", "--schedule", "step", "--lr-step-epochs", "0.05"]
+    paper = ["--run-name", "p", "--kd-form", "paper", "--tune-kd", "extrapolate-periodic", "--hyper-clip-mode", "value",
+             "--hyper-lookahead", "base", "--periodic-greedy", "2", "--periodic-follow", "1"]
+    main(args + paper)
+    config = load_checkpoint(tmp_path / "p" / "checkpoint.pt")["config"]
+    assert (config["kd_form"], config["hyper_clip_mode"], config["hyper_lookahead"], config["periodic_greedy"], config["periodic_follow"]) == (
+        "paper", "value", "base", 2, 1)
+    assert config["fingerprint"]["kd_form"] == "paper" and config["operator_config"]["kd_form"] == "paper"
+    assert {config["operator_config"][k] for k in ("clip_mode", "lookahead")} == {"value", "base"}
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["kd_form"] == "paper"
+    for flags, message in ((["--kd-form", "hinton"], "--resume: kd_form is 'hinton' but the run in"), (["--hyper-clip-mode", "norm"], "hyper_clip_mode is")):
+        with pytest.raises(SystemExit) as exc:
+            main(args + paper + flags + ["--resume"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err, err
+    main(args + paper + ["--resume"])  # the same experiment: accepted (finished, it reports its last row)
+
+    hinton = TrainConfig(model="tiny", teacher=str(teacher_ckpt), steps=2, runs_dir=str(tmp_path), run_name="h", tensorboard=False, **FAST)
+    train(hinton)
+    saved = load_checkpoint(tmp_path / "h" / "checkpoint.pt")["config"]
+    assert saved["kd_form"] == "hinton" and "kd_form" not in saved["fingerprint"]
+    with pytest.raises(UserError, match="--resume: kd_form is 'paper' but the run in .* used 'hinton'"):
+        train(dataclasses.replace(hinton, kd_form="paper"), resume=True)
+
+
+def test_compare_cells_get_the_kd_form_and_the_periodic_method(tmp_path):
+    spec = OperatorSpec.parse("sgd+extrapolate-periodic")
+    run = _run_config(CompareConfig(kd_form="paper"), spec, 0, 100, {"sgd": 0.1}, tmp_path)
+    assert (run.kd_form, run.tune_kd, run.operator) == ("paper", "extrapolate-periodic", "sgd")
+    with pytest.raises(UserError, match="--kd-form must be one of"):
+        CompareConfig(kd_form="Hinton").validate()
