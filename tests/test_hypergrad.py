@@ -362,7 +362,7 @@ def test_kd_form_and_paper_protocol_travel_through_cli_config_checkpoint_and_res
     hinton = TrainConfig(model="tiny", teacher=str(teacher_ckpt), steps=2, runs_dir=str(tmp_path), run_name="h", tensorboard=False, **FAST)
     train(hinton)
     saved = load_checkpoint(tmp_path / "h" / "checkpoint.pt")["config"]
-    assert saved["kd_form"] == "hinton" and "kd_form" not in saved["fingerprint"]
+    assert saved["kd_form"] == "hinton" and saved["fingerprint"]["kd_form"] == "hinton"
     with pytest.raises(UserError, match="--resume: kd_form is 'paper' but the run in .* used 'hinton'"):
         train(dataclasses.replace(hinton, kd_form="paper"), resume=True)
 
