@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from .config import CLIP_MODES, ES_PARAMS, KD_FORMS, LOOKAHEADS, CompareConfig, MetaConfig, TrainConfig
+from .config import CLIP_MODES, ES_PARAMS, KD_FORMS, LOOKAHEADS, SEARCH_METHODS, CompareConfig, MetaConfig, SearchConfig, TrainConfig
 from .errors import Diverged, UserError
 
-T, M, C = TrainConfig, MetaConfig, CompareConfig  # every default below is the config's own (declared once, in config.py)
+T, M, C, S = TrainConfig, MetaConfig, CompareConfig, SearchConfig  # every default below is the config's own (declared once, in config.py)
 KD_FORM_HELP = "KD loss: hinton = (1-beta) CE + beta T^2 KL; paper = (1-beta) CE + beta KL (no T^2, as Gorpinich et al.'s code)."
 
 
@@ -59,25 +59,29 @@ def optimizer_options(lr: float, schedule: str):
     return deco
 
 
-# Flags a learned operator decides for itself: given with --optimizer they would be silently ignored.
-LEARNED_DECIDES = ("operator", "lr", "momentum", "nesterov", "weight_decay", "schedule", "beta", "temperature", "tune_kd")
+# Flags a learned operator decides for itself (its steps, (beta, T), the KD convention it was
+# meta-trained with): given with one, they would be silently ignored.
+LEARNED_DECIDES = ("lr", "momentum", "nesterov", "weight_decay", "schedule", "lr_step_epochs", "lr_gamma", "beta", "temperature", "kd_form",
+                   "tune_kd", "hyper_lr", "hyper_clip", "hyper_clip_mode", "hyper_lookahead", "hyper_every", "hyper_unroll", "extrapolate_after",
+                   "periodic_greedy", "periodic_follow")
 
 
 def _train_config(kw: dict, **fixed):
-    kw = dict(kw)
+    kw = {**kw, **fixed}
+    ctx = click.get_current_context()
+    given = lambda names: [k for k in names if k in kw and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
     learned = kw.pop("optimizer_ckpt", None)
-    if learned:  # a learned operator replaces --operator
-        ctx = click.get_current_context()
-        given = [k for k in LEARNED_DECIDES if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
-        if given:
-            flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise UserError(f"--optimizer {learned} chooses its own steps and (beta, T): drop {flags}")
-        kw["operator"] = learned
+    if learned and given(["operator"]):
+        raise UserError(f"--optimizer {learned} replaces --operator: give one of them")
+    kw["operator"] = learned or kw["operator"]
+    if kw["operator"].endswith(".pt") and given(LEARNED_DECIDES):
+        flags = ", ".join("--" + k.replace("_", "-") for k in given(LEARNED_DECIDES))
+        raise UserError(f"the learned operator {kw['operator']} chooses its own steps and (beta, T): drop {flags}")
     resume = kw.pop("resume")
     kw["progress"] = not kw.pop("no_progress")
     if kw.get("epochs") is None:
         kw.pop("epochs", None)
-    return TrainConfig(**kw, **fixed), resume
+    return TrainConfig(**kw), resume
 
 
 def _print_row(row: dict) -> None:
@@ -150,14 +154,14 @@ def deploy(**kw):
 
 
 @cli.command()
-@click.option("--method", default="tpe", show_default=True, help="tpe (Optuna) | random: how (beta, T) are drawn.")
-@click.option("--trials", type=int, default=5, show_default=True, help="Full training runs, scored on validation accuracy.")
-@click.option("--retrain-seeds", default="0,1,2", show_default=True, help="Seeds the best (beta, T) is retrained with.")
-@click.option("--out", default="results/search", show_default=True, help="Output folder; rerunning resumes the search.")
+@click.option("--method", type=click.Choice(SEARCH_METHODS), default=S.method, show_default=True, help="tpe (Optuna) | random: how (beta, T) are drawn.")
+@click.option("--trials", type=int, default=S.trials, show_default=True, help="Full training runs, scored on validation accuracy.")
+@click.option("--retrain-seeds", default=S.retrain_seeds, show_default=True, help="Seeds the best (beta, T) is retrained with.")
+@click.option("--out", default=S.out, show_default=True, help="Output folder; rerunning resumes the search.")
 @student_options
 def search(method, trials, retrain_seeds, out, **kw):
     """Search fixed KD hyperparameters (beta, T) by TPE or at random; retrain the best."""
-    from .search import SearchConfig, search
+    from .search import search
 
     cfg, _ = _train_config(kw)
     summary = search(SearchConfig(method=method, trials=trials, retrain_seeds=retrain_seeds, out=out), cfg)
@@ -206,7 +210,7 @@ def search(method, trials, retrain_seeds, out, **kw):
 def meta_train_cmd(threads, resume, no_progress, **kw):
     """Meta-train the learned LSTM operator across short distillation episodes."""
     from .distributed import from_env
-    from .meta import MetaConfig, meta_train
+    from .meta import meta_train
 
     _set_threads(threads)
     dist = from_env(kw["device"])  # under torchrun: episodes on every rank, meta-gradients averaged
@@ -231,6 +235,10 @@ def meta_train_cmd(threads, resume, no_progress, **kw):
 @click.option("--beta", type=float, default=C.beta, show_default=True, help="Fixed KD weight of the classic operators.")
 @click.option("--temperature", type=float, default=C.temperature, show_default=True)
 @click.option("--kd-form", type=click.Choice(KD_FORMS), default=C.kd_form, show_default=True, help=KD_FORM_HELP)
+@click.option("--hyper-clip-mode", type=click.Choice(CLIP_MODES), default=C.hyper_clip_mode, show_default=True,
+              help="KD-tuning operators: clip the hypergradient's norm, or each component.")
+@click.option("--hyper-lookahead", type=click.Choice(LOOKAHEADS), default=C.hyper_lookahead, show_default=True,
+              help="KD-tuning operators (greedy): the look-ahead step at the current or the base lr.")
 @click.option("--batch-size", type=int, default=C.batch_size, show_default=True)
 @click.option("--momentum", type=float, default=C.momentum, show_default=True, help="SGD momentum.")
 @click.option("--schedule", default=C.schedule, show_default=True, help="lr schedule of the classic operators: constant | step | cosine | onecycle.")
@@ -276,7 +284,7 @@ def _set_threads(threads: int | None) -> None:
 @click.argument("checkpoint")
 @click.option("--split", default="test", show_default=True, help="train | val | test")
 @click.option("--data-root", default=None)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default=T.device, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(checkpoint, split, data_root, device, as_json):
     """Accuracy and loss of a saved teacher or student on a split."""

@@ -42,7 +42,7 @@ from .hypergrad import METHODS as TUNE_KD_METHODS
 from .operators import CLASSIC
 from .plots import finished_runs, plot_comparison
 from .runlog import read_metrics
-from .teacher import teacher_digest
+from .teacher import teacher_path
 from .train import Trajectory, run_length, train
 
 DEFAULT_LR = {"sgd": 0.03, "adam": 3e-3, "adamw": 3e-3}  # tuned on validation for `tiny` with KD (docs/RESULTS.md)
@@ -50,7 +50,7 @@ RESULTS, FAILURES, SUMMARY, TUNING = "results.jsonl", "failures.jsonl", "summary
 LEARNED = "learned_operators.json"  # {label: content digest} of the learned operators a folder ran
 TUNE_SEED = seed_ranges.tuning_seed(0)  # the student of every lr-tuning run
 # CompareConfig fields that decide a cell's result (with the resolved steps and the teacher's digest)
-DECISIVE = ("student", "dataset", "beta", "temperature", "kd_form", "batch_size", "momentum", "schedule", "lrs", "tune_lr", "tune_steps", "evals")
+DECISIVE = ("student", "dataset", "beta", "temperature", "kd_form", "hyper_clip_mode", "hyper_lookahead", "batch_size", "momentum", "schedule", "lrs", "tune_lr", "tune_steps", "evals")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
 
     splits = load_splits(cfg.dataset, cfg.data_root, cfg.download)
     _, steps = run_length(cfg.steps, cfg.epochs, len(splits.train_y), cfg.batch_size)
-    check_fingerprint(out, decisive_config(cfg, steps), "compare folder")
+    has_results = (out / RESULTS).exists() or (out / TUNING).exists()
+    check_fingerprint(out, decisive_config(cfg, specs, steps), "compare folder", has_results)
     check_learned_operators(out, specs)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     lrs = tune_learning_rates(cfg, specs, splits, steps)
@@ -143,11 +144,14 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
 # Integrity of a folder over reruns
 
 
-def decisive_config(cfg: CompareConfig, steps: int) -> dict[str, Any]:
+def decisive_config(cfg: CompareConfig, specs: list[OperatorSpec], steps: int) -> dict[str, Any]:
     """What decides a cell's result besides its operator and seed: the :data:`DECISIVE` fields, the
-    resolved run length ``steps`` and the teacher by content. Operators and seeds are left out
-    (a rerun may add some), and so are the target, device, progress, output and trajectory points."""
-    return {**{k: getattr(cfg, k) for k in DECISIVE}, "steps": steps, "teacher": teacher_digest(cfg.teacher)}
+    resolved run length ``steps`` and the teacher by content (resolved here, so a missing teacher
+    fails before anything runs). Operators and seeds are left out (a rerun may add some), and so are
+    the target, device, progress, output and trajectory points."""
+    wants_kd = cfg.beta > 0 or any(s.tune_kd or s.learned for s in specs)
+    teacher = file_digest(teacher_path(cfg.teacher)) if wants_kd else None
+    return {**{k: getattr(cfg, k) for k in DECISIVE}, "steps": steps, "teacher": teacher}
 
 
 def check_learned_operators(out: Path, specs: list[OperatorSpec]) -> None:
@@ -301,6 +305,8 @@ def _run_config(
         beta=cfg.beta,
         temperature=cfg.temperature,
         kd_form=cfg.kd_form,
+        hyper_clip_mode=cfg.hyper_clip_mode,
+        hyper_lookahead=cfg.hyper_lookahead,
         operator=spec.base,
         lr=lrs.get(spec.base, 1.0),
         momentum=cfg.momentum,

@@ -75,9 +75,20 @@ class TrainConfig:
         "runs_dir", "run_name", "progress", "tensorboard", "device", "eval_every", "log_every", "hist_every", "trajectory_every",
         "eval_at_start", "data_root", "download"})
 
+    HYPER: ClassVar[frozenset[str]] = frozenset({
+        "hyper_lr", "hyper_clip", "hyper_clip_mode", "hyper_lookahead", "hyper_every", "hyper_unroll", "extrapolate_after", "periodic_greedy",
+        "periodic_follow"})
+
     def decisive(self) -> dict[str, Any]:
-        """The fields that decide the run's result (files such as the teacher enter by digest, elsewhere)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.NOT_DECISIVE}
+        """The fields that decide the run's result (files such as the teacher enter by digest, elsewhere),
+        without those the run does not use: the hypergradient settings without --tune-kd, the step
+        schedule's period and factor under another schedule."""
+        unused = set(self.NOT_DECISIVE)
+        if not self.tune_kd:
+            unused |= self.HYPER
+        if self.schedule != "step":
+            unused |= {"lr_step_epochs", "lr_gamma"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -98,6 +109,8 @@ class TrainConfig:
         check_choice("--kd-form", self.kd_form, KD_FORMS)
         check_choice("--hyper-clip-mode", self.hyper_clip_mode, CLIP_MODES)
         check_choice("--hyper-lookahead", self.hyper_lookahead, LOOKAHEADS)
+        if self.hyper_every < 1 or self.hyper_unroll < 1:
+            raise UserError("--hyper-every and --hyper-unroll must be positive")
         if self.periodic_greedy < 1 or self.periodic_follow < 0:
             raise UserError("--periodic-greedy must be positive and --periodic-follow non-negative")
         if not self.lr > 0:
@@ -137,6 +150,8 @@ class CompareConfig:
     beta: float = TrainConfig.beta  # the fixed KD of the classic operators (and the start of the KD-tuning ones)
     temperature: float = TrainConfig.temperature
     kd_form: str = TrainConfig.kd_form
+    hyper_clip_mode: str = TrainConfig.hyper_clip_mode  # of the KD-tuning operators (sgd+greedy ...)
+    hyper_lookahead: str = TrainConfig.hyper_lookahead
     batch_size: int = TrainConfig.batch_size
     momentum: float = TrainConfig.momentum
     schedule: str = TrainConfig.schedule  # lr schedule of the classic operators (tuning runs included)
@@ -156,12 +171,37 @@ class CompareConfig:
 
         Schedule(self.schedule, step_size=1)  # validates the name
         check_choice("--kd-form", self.kd_form, KD_FORMS)
+        check_choice("--hyper-clip-mode", self.hyper_clip_mode, CLIP_MODES)
+        check_choice("--hyper-lookahead", self.hyper_lookahead, LOOKAHEADS)
         if self.seeds < 1 or self.tune_lr < 0 or self.evals < 1:
             raise UserError("--seeds and --evals must be positive, --tune-lr non-negative")
         seed_ranges.check(range(self.seeds), "evaluation", "--seeds")
         for name, lr in self.lrs.items():
             if name not in CLASSIC or not lr > 0:
                 raise UserError(f"--lr {name}={lr}: give a positive lr for one of {', '.join(CLASSIC)}")
+
+
+SEARCH_METHODS = ("random", "tpe")  # how l2o-kd search draws (beta, T)
+
+
+@dataclass
+class SearchConfig:
+    method: str = "tpe"  # one of SEARCH_METHODS
+    trials: int = 5
+    retrain_seeds: str = "0,1,2"
+    out: str = "results/search"
+
+    def validate(self) -> list[int]:
+        if self.method not in SEARCH_METHODS:
+            raise UserError(f"unknown search method {self.method!r}: use {' or '.join(SEARCH_METHODS)}")
+        if self.trials < 1:
+            raise UserError("--trials must be positive")
+        try:
+            seeds = [int(s) for s in self.retrain_seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--retrain-seeds must be comma-separated integers, got {self.retrain_seeds!r}") from None
+        seed_ranges.check(seeds, "evaluation", "--retrain-seeds")
+        return seeds
 
 
 ES_PARAMS = {  # which operator weights --es-params perturbs (the rest stay at their initialization)
@@ -175,7 +215,7 @@ ES_PARAMS = {  # which operator weights --es-params perturbs (the rest stay at t
 
 @dataclass
 class MetaConfig:
-    dataset: str = "cifar10"
+    dataset: str = TrainConfig.dataset
     data_root: str | None = None
     teacher: str | None = None
     kd_form: str = TrainConfig.kd_form  # the KD loss convention of the episodes (and of meta-validation)
@@ -187,7 +227,7 @@ class MetaConfig:
     minutes: float | None = None  # wall-clock budget; wins over meta_steps when reached first
     meta_lr: float = 1e-3
     clip: float = 1.0
-    batch_size: int = 128
+    batch_size: int = TrainConfig.batch_size
     second_order: bool = False
     sigma: float = 0.02  # es: standard deviation of the perturbations of phi
     pairs: int = 1  # es: antithetic pairs per meta-step (per rank under torchrun)
@@ -201,12 +241,20 @@ class MetaConfig:
     val_horizon: int = 300
     val_seeds: str = "1000,1001"
     adam_lr: float = 3e-3  # the reference Adam of meta-validation
-    seed: int = 0
-    device: str = "cpu"
-    runs_dir: str = "runs"
+    seed: int = TrainConfig.seed
+    device: str = TrainConfig.device
+    runs_dir: str = TrainConfig.runs_dir
     run_name: str = "meta"
     out: str | None = None  # copy of the best operator [default: <run dir>/operator-best.pt]
     progress: bool = True
+
+    # Fields that do not decide a meta-training run's result: where it is written and shown, and its
+    # budget (a resumed run may be given more meta-steps; a curriculum of several lengths is then laid
+    # over the new budget from where the run stands).
+    NOT_DECISIVE: ClassVar[frozenset[str]] = frozenset({"runs_dir", "run_name", "out", "progress", "device", "data_root", "meta_steps", "minutes"})
+
+    def decisive(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.NOT_DECISIVE}
 
     def validate(self) -> None:
         from .device import check_device

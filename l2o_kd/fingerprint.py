@@ -35,14 +35,17 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def check_fingerprint(folder: str | Path, decisive: dict[str, Any], what: str) -> None:
+def check_fingerprint(folder: str | Path, decisive: dict[str, Any], what: str, has_results: bool = False) -> None:
     """Record ``decisive`` in ``folder/fingerprint.json``, or check it against the recorded one.
 
     Raises UserError naming the first keys that differ; ``what`` names the folder's kind in the
-    message (e.g. "compare folder")."""
+    message (e.g. "compare folder"). A folder that ``has_results`` but no fingerprint was made before
+    fingerprints existed: what made it is unknown, so it is refused too."""
     path = Path(folder) / FILE
     now = _canonical(decisive)
     if not path.exists():
+        if has_results:
+            raise UserError(f"{folder} holds a {what} made before configurations were fingerprinted: use another output folder")
         save_atomic_text(json.dumps(now, indent=2, sort_keys=True) + "\n", path)
         return
     then = json.loads(path.read_text())

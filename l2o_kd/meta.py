@@ -48,6 +48,8 @@ from .data import Normalize, Splits, load_splits
 from .distill import batch_ce, kd_gradient
 from .distributed import Dist
 from .errors import Diverged, UserError
+from .fingerprint import FILE as FINGERPRINT
+from .fingerprint import check_fingerprint, file_digest
 from .models import apply, build_model, split_state
 from .operators import Adam, Operator, StepContext
 from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
@@ -182,6 +184,13 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     teacher_file = teacher_path(cfg.teacher)
     teacher, _ = load_model_checkpoint(teacher_file, cfg.device)
     logits = teacher_logits(teacher, teacher_file, splits, cfg.device, progress=cfg.progress)["train"].to(cfg.device)
+    decisive = {**cfg.decisive(), "teacher": file_digest(teacher_file), "init": file_digest(cfg.init) if cfg.init else None}
+    if resume and state_path.exists():
+        if (run_dir / FINGERPRINT).exists():  # the same experiment only (a run saved before fingerprints is not checked)
+            check_fingerprint(run_dir, decisive, "meta-training run")
+    elif main:  # a fresh run: its own fingerprint
+        (run_dir / FINGERPRINT).unlink(missing_ok=True)
+        check_fingerprint(run_dir, decisive, "meta-training run")
 
     if cfg.init:  # continue from a saved operator (its own config wins over --hidden/--base-scale)
         net = load_operator(cfg.init, cfg.device).net

@@ -18,41 +18,20 @@ import json
 import math
 import random
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from . import seeds as seed_ranges
-from .config import TrainConfig
+from .config import SearchConfig, TrainConfig
 from .errors import UserError
-from .fingerprint import check_fingerprint
-from .teacher import teacher_digest
+from .fingerprint import check_fingerprint, file_digest
+from .teacher import teacher_path
 from .train import train
 
-METHODS = ("random", "tpe")
 BETA, LOG10_T = (0.0, 1.0), (-1.0, 1.0)
-
-
-@dataclass
-class SearchConfig:
-    method: str = "tpe"
-    trials: int = 5
-    retrain_seeds: str = "0,1,2"
-    out: str = "results/search"
-
-    def validate(self) -> list[int]:
-        if self.method not in METHODS:
-            raise UserError(f"unknown search method {self.method!r}: use {' or '.join(METHODS)}")
-        if self.trials < 1:
-            raise UserError("--trials must be positive")
-        try:
-            seeds = [int(s) for s in self.retrain_seeds.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"--retrain-seeds must be comma-separated integers, got {self.retrain_seeds!r}") from None
-        seed_ranges.check(seeds, "evaluation", "--retrain-seeds")
-        return seeds
 
 
 def search(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
@@ -61,9 +40,11 @@ def search(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
     base.validate()
     if base.tune_kd:
         raise UserError("search picks fixed (beta, T): drop --tune-kd")
+    if base.learned:
+        raise UserError(f"search picks fixed (beta, T), but the learned operator {base.operator} chooses its own: search with sgd, adam or adamw")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    check_fingerprint(out, decisive_config(cfg, base), "search folder")
+    check_fingerprint(out, decisive_config(cfg, base), "search folder", has_results=(out / "trials.jsonl").exists())
     (out / "config.json").write_text(json.dumps({"search": asdict(cfg), "train": asdict(base)}, indent=2) + "\n")
     from .data import load_splits
 
@@ -111,7 +92,7 @@ def decisive_config(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
     (beta, T) that every trial replaces, with the teacher by content. ``trials`` and
     ``retrain_seeds`` are left out (a rerun may add some)."""
     decisive = {k: v for k, v in base.decisive().items() if k not in ("beta", "temperature")}
-    return {**decisive, "teacher": teacher_digest(base.teacher), "method": cfg.method}
+    return {**decisive, "teacher": file_digest(teacher_path(base.teacher)), "method": cfg.method}
 
 
 class _RandomSampler:

@@ -10,7 +10,6 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
-from .checkpoint import save_atomic
 from .data import Normalize, Splits, cache_dir
 from .errors import UserError
 from .fingerprint import file_digest
@@ -25,15 +24,6 @@ def teacher_path(path: str | Path | None) -> Path:
     if not path.is_file():
         raise UserError(f"teacher checkpoint not found: {path}; train one with `l2o-kd train-teacher`, pass --teacher CKPT, or use --beta 0")
     return path
-
-
-def teacher_digest(teacher: str | None) -> str | None:
-    """Content digest of the teacher file ``teacher`` resolves to (the shipped one when None), or
-    None when there is no such file: runs without KD need none, and those with KD fail on their own."""
-    try:
-        return file_digest(teacher_path(teacher))
-    except UserError:
-        return None
 
 
 def load_model_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -62,14 +52,14 @@ def predict(model: torch.nn.Module, x_uint8: torch.Tensor, mean, std, device="cp
 def teacher_logits(teacher: torch.nn.Module, teacher_ckpt: str | Path, splits: Splits, device="cpu", progress: bool = False) -> dict[str, torch.Tensor]:
     """Logits of the teacher on the un-augmented train/val/test splits, computed once per
     (teacher checkpoint, dataset) and cached on disk."""
-    digest = hashlib.sha1(Path(teacher_ckpt).read_bytes()).hexdigest()[:12]
+    digest = file_digest(teacher_ckpt)
     ds = splits.dataset
     path = cache_dir() / "teacher_logits" / f"{digest}-{ds.name}-{_fingerprint(splits)}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
     logits = {name: predict(teacher, splits.split(name)[0], ds.mean, ds.std, device, desc=f"teacher logits ({name}, cached once)" if progress else None)
               for name in ("train", "val", "test")}
-    save_atomic(logits, path)
+    ckpt_io.save_atomic(logits, path)
     return logits
 
 

@@ -99,17 +99,25 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, dict | None]
 
 
 def run_fingerprint(cfg: TrainConfig, teacher_file: Path | None) -> dict[str, Any]:
-    """What decides the run's result: its decisive config, the teacher and a learned operator by content."""
-    return {**cfg.decisive(), "teacher": file_digest(teacher_file), "operator_digest": file_digest(cfg.operator) if cfg.learned else None}
+    """What decides the run's result: its decisive config, with the teacher and a learned operator by
+    content (a learned operator's path does not matter, its bytes do)."""
+    learned = file_digest(cfg.operator) if cfg.learned else None
+    return {**cfg.decisive(), "operator": learned or cfg.operator, "teacher": file_digest(teacher_file)}
 
 
 def _check_resume(ck: dict, fingerprint: dict[str, Any], run_dir: Path) -> None:
-    """Refuse to continue a run whose result-deciding configuration differs from this one (a checkpoint
-    saved before fingerprints existed is compared on its config, fields it lacks taking their defaults)."""
-    saved = ck["config"].get("fingerprint") or TrainConfig.from_dict(ck["config"]).decisive()
-    for key in sorted(fingerprint.keys() & saved.keys()):
-        if fingerprint[key] != saved[key]:
-            raise UserError(f"--resume: {key} is {fingerprint[key]!r} but the run in {run_dir} used {saved[key]!r}")
+    """Refuse to continue a run whose result-deciding configuration differs from this one. A checkpoint
+    saved before fingerprints existed gets one rebuilt from its config (fields it lacks take their
+    defaults; its teacher and operator files by their content now, when they still exist)."""
+    saved = ck["config"].get("fingerprint")
+    if saved is None:
+        old, teacher = TrainConfig.from_dict(ck["config"]), ck["config"].get("teacher_path")
+        saved = run_fingerprint(old, teacher if teacher and Path(teacher).is_file() else None)
+        if old.learned and not Path(old.operator).is_file():
+            saved["operator"] = fingerprint["operator"]  # gone: nothing to compare it with
+    for key in sorted(fingerprint):
+        if fingerprint[key] != saved.get(key):
+            raise UserError(f"--resume: {key} is {fingerprint[key]!r} but the run in {run_dir} used {saved.get(key)!r}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 `tiny` student, SGD lr 1.0 (no momentum) halved every 10 epochs, batch 128, no augmentation, 9:1
 train/val; hyper-SGD lr 0.25 with gradient clipping 0.01; beta init U(0,1) and log10 T init U(-1,1)
 for the random and hypergradient rows (drawn per seed, printed). Extra rows: ``tpe`` (``l2o-kd search``:
-5 trials on seed 0 scored on validation, the best (β, T) retrained on every seed) and ``lstm`` (a
+5 trials on a tuning seed (l2o_kd/seeds.py) scored on validation, the best (β, T) retrained on every seed) and ``lstm`` (a
 learned operator in place of SGD, which then chooses its own steps and β_t, T_t).
 
 ``--protocol`` picks how KD and its tuning work. ``ours`` (the default): KD loss (1-β) CE + β T² KL,
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from l2o_kd.config import TrainConfig
+from l2o_kd.config import SearchConfig, TrainConfig
 from l2o_kd.data import load_splits
 from l2o_kd.runlog import read_metrics
-from l2o_kd.search import SearchConfig, search
+from l2o_kd.search import search
 from l2o_kd.train import train
 
 PROTOCOLS = {

@@ -10,8 +10,10 @@ REAL_CIFAR = Path(os.environ.get("L2O_KD_TEST_CIFAR", REPO.parent / "shared" / "
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test session caches decoded data in one temp dir, never in the user's cache,
-    except the real CIFAR copy, whose decode is shared through L2O_KD_TEST_CACHE when set."""
+    """Each test session caches decoded data and teacher logits in one temp dir, never in the user's
+    cache; L2O_KD_TEST_CACHE, when set, is that dir instead, shared by sessions (CI's two runs share
+    the decode of the real CIFAR copy through it; cache entries are keyed by content, so a shared
+    entry is the one this code would write)."""
     monkeypatch.setenv("L2O_KD_CACHE", os.environ.get("L2O_KD_TEST_CACHE", str(tmp_path_factory.getbasetemp() / "cache")))
     torch.manual_seed(0)
 

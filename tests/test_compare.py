@@ -173,6 +173,15 @@ def test_a_rerun_that_changes_the_decisive_configuration_is_refused(tmp_path, te
     assert results.read_bytes().startswith(before)
     assert {(r["operator"], r["seed"]) for r in read_results(tmp_path / "cmp")} == {(op, s) for op in ("sgd", "adam") for s in (0, 1)}
 
+    # a folder with results but no fingerprint was made before fingerprints: what made it is unknown
+    (tmp_path / "cmp" / "fingerprint.json").unlink()
+    with pytest.raises(UserError, match="made before configurations were fingerprinted"):
+        compare(_cfg(tmp_path, teacher_ckpt, **more))
+    # a missing teacher fails before anything runs or is recorded
+    with pytest.raises(UserError, match="teacher checkpoint not found"):
+        compare(_cfg(tmp_path, teacher_ckpt, **{**kw, "teacher": str(tmp_path / "none.pt")}, out=str(tmp_path / "fresh")))
+    assert not (tmp_path / "fresh" / "fingerprint.json").exists()
+
 
 def _save_operator(path: Path, seed: int) -> None:
     torch.manual_seed(seed)

@@ -50,9 +50,10 @@ def test_deploy_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path
 
 
 def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_checkpoint(tmp_path, teacher_ckpt):
-    args = _deploy(teacher_ckpt, tmp_path, "--steps 40 --eval-every 10 --run-name r")
+    args = _deploy(teacher_ckpt, tmp_path, "--steps 400 --eval-every 10 --run-name r")
     ckpt = tmp_path / "r" / "checkpoint.pt"
-    _kill_when(args, tmp_path, lambda: ckpt.exists() and len(read_metrics(tmp_path / "r")) >= 2)  # killed after a checkpoint
+    code = _kill_when(args, tmp_path, lambda: ckpt.exists() and len(read_metrics(tmp_path / "r")) >= 2)  # killed after a checkpoint
+    assert code == -signal.SIGKILL  # (380 steps were left: it cannot have finished)
     before = ckpt.read_bytes()
     assert len(before) > 64 * 1024
     partial_before = {p.name for p in (tmp_path / "r").iterdir() if ".tmp" in p.name}  # the kill may leave one
@@ -67,4 +68,4 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_checkpoint(tmp_
     assert ckpt.read_bytes() == before  # the last good checkpoint survives
     assert {p.name for p in (tmp_path / "r").iterdir() if ".tmp" in p.name} == partial_before  # and the failed write left no partial file
     res = _cli(longer, tmp_path)  # with space again, the run goes on
-    assert res.returncode == 0 and read_metrics(tmp_path / "r")[-1]["step"] == 40
+    assert res.returncode == 0 and read_metrics(tmp_path / "r")[-1]["step"] == 400

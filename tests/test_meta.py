@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from conftest import kill_at_call
@@ -5,9 +7,10 @@ from conftest import kill_at_call
 from l2o_kd import meta
 from l2o_kd.checkpoint import load_checkpoint
 from l2o_kd.cli import main
+from l2o_kd.config import MetaConfig
 from l2o_kd.data import load_splits
 from l2o_kd.errors import UserError
-from l2o_kd.meta import Episode, MetaConfig, es_gradient, meta_train, unroll
+from l2o_kd.meta import Episode, es_gradient, meta_train, unroll
 from l2o_kd.operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from l2o_kd.runlog import read_metrics
 from l2o_kd.teacher import load_model_checkpoint, teacher_logits
@@ -81,9 +84,12 @@ def test_meta_train_resumes_and_skips_non_finite_steps(tmp_path, teacher_ckpt, m
     res = meta_train(cfg, resume=True)
     assert res["meta_steps"] == 6 and res["skipped"] == 1
     assert [r["step"] for r in read_metrics(tmp_path / "m")] == [0, 2, 4, 6]
-    cfg.hidden, cfg.meta_steps = 8, 8  # resuming with another operator shape: one clear error, the run intact
+    for change, message in (({"kd_form": "paper"}, "kd_form is 'paper' but was 'hinton'"), ({"hidden": 8}, "hidden is 8 but was 20")):
+        with pytest.raises(UserError, match=message):  # another experiment: one clear error, the run intact
+            meta_train(dataclasses.replace(cfg, meta_steps=8, **change), resume=True)
+    (tmp_path / "m" / "fingerprint.json").unlink()  # a run saved before fingerprints: its weights must still fit
     with pytest.raises(UserError, match="does not fit this operator"):
-        meta_train(cfg, resume=True)
+        meta_train(dataclasses.replace(cfg, meta_steps=8, hidden=8), resume=True)
     assert load_checkpoint(tmp_path / "m" / "meta_checkpoint.pt", kind="operator")["progress"]["meta_step"] == 6
 
 
@@ -140,7 +146,7 @@ def test_es_meta_training_lowers_the_end_of_episode_loss(synthetic_episode):
     """From an operator whose steps are far too small (base scale 1e-3), ES on the global head's
     biases (step scale, beta, T: few dimensions, so little variance), 4 antithetic pairs a step,
     must lower the end-of-episode validation loss on every ES seed tried, by 0.1 on average.
-    Measured (2 seeds x 2 thread counts, seeds 0-3): every run lowered it by 0.2-0.8. ES on all
+    Measured (ES seeds 0-3 x 1 and 2 threads): every run lowered it, by 0.2-0.8. ES on all
     weights from one pair a step did not (it raised the loss on most seeds): that is no test."""
     decreases = []
     for es_seed in (0, 1):

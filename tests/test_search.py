@@ -6,10 +6,10 @@ from conftest import FAST
 
 import l2o_kd.search as search_mod
 from l2o_kd import seeds
-from l2o_kd.config import TrainConfig
+from l2o_kd.config import SearchConfig, TrainConfig
 from l2o_kd.errors import UserError
 from l2o_kd.runlog import read_metrics
-from l2o_kd.search import SearchConfig, search
+from l2o_kd.search import search
 
 
 def _base(teacher_ckpt, **kw):

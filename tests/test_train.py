@@ -68,7 +68,7 @@ def test_bf16_autocast_trains_close_to_float32(tmp_path, teacher_ckpt):
     fp32, bf16 = train(TrainConfig(run_name="fp32", **kw)), train(TrainConfig(run_name="bf16", amp=True, **kw))
     assert bf16["train_loss"] != fp32["train_loss"]  # autocast really ran in bf16
     assert bf16["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.08)  # measured 0.3-1.8%
-    assert abs(bf16["val_acc"] - fp32["val_acc"]) < 0.12  # ~3 std of one accuracy
+    assert abs(bf16["val_acc"] - fp32["val_acc"]) < 0.12  # ~2.4 std of the difference of two independent accuracies (they are correlated: less)
     assert bf16["val_acc"] > 0.4  # it learns (chance is 0.1)
 
 
@@ -91,7 +91,7 @@ def test_resume_refuses_a_run_that_decides_its_result_differently(tmp_path, teac
     for change, key in (({"steps": 5}, "steps"), ({"momentum": 0.5}, "momentum")):
         with pytest.raises(UserError, match=f"--resume: {key} is"):
             train(TrainConfig(**{**cfg.__dict__, **change}), resume=True)
-    train(TrainConfig(**{**cfg.__dict__, "steps": 2, "eval_every": 1, "progress": False}), resume=True)  # accepted
+    train(TrainConfig(**{**cfg.__dict__, "steps": 2, "eval_every": 1, "progress": False, "hyper_lr": 9.0}), resume=True)  # accepted: unused
     state = load_checkpoint(teacher, kind="model")
     state["params"] = {k: v + 1e-3 for k, v in state["params"].items()}
     save_checkpoint(teacher, "model", state["config"], **{k: state[k] for k in ("model", "params", "buffers", "train_state")})
@@ -139,6 +139,10 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys, tea
         (["deploy", "--optimizer", SHIPPED_OPERATOR, "--beta", "0.3", "--runs-dir", str(runs)], "drop --beta"),
         (["deploy", "--optimizer", SHIPPED_OPERATOR, "--temperature", "2", "--lr", "0.1", "--runs-dir", str(runs)], "drop --lr, --temperature"),
         (["deploy", "--optimizer", SHIPPED_OPERATOR, "--tune-kd", "greedy", "--runs-dir", str(runs)], "drop --tune-kd"),
+        (["deploy", "--operator", SHIPPED_OPERATOR, "--kd-form", "paper", "--runs-dir", str(runs)], "drop --kd-form"),
+        (["deploy", "--optimizer", SHIPPED_OPERATOR, "--operator", "adam", "--runs-dir", str(runs)], "replaces --operator"),
+        (["deploy", "--hyper-every", "0", "--tune-kd", "greedy", "--runs-dir", str(runs)], "--hyper-every and --hyper-unroll must be positive"),
+        (["search", "--optimizer", SHIPPED_OPERATOR, "--out", str(runs / "s")], "chooses its own"),
         (["deploy", "--data-root", str(tmp_path / "nodata"), "--beta", "0", "--runs-dir", str(runs)], "no CIFAR-10 found"),
         (["deploy", "--nonsense-flag"], "No such option"),
     ]

@@ -30,7 +30,7 @@ from ..errors import UserError
 from .base import KDChoice, Operator, Params, State, StepContext
 
 T_MIN, T_MAX = 1.0, 20.0
-# The recommended operator, at one stable path (README, scripts and tests use it).
+# The recommended operator, at one stable path (the README, scripts/gpu_timing.sh and the tests name it).
 SHIPPED_OPERATOR = str(Path(__file__).resolve().parents[2] / "checkpoints" / "operator.pt")
 P = 10.0  # gradient preprocessing constant of Andrychowicz et al.
 
