@@ -6,6 +6,9 @@
 with student logits ``s``, teacher logits ``t``, beta in [0, 1] and T > 0. The T^2 factor keeps the
 gradient of the KD term on the scale of the CE term as T changes (Hinton et al. 2015); the code
 released with Gorpinich et al. has no T^2 (its ``param_loss``: ``lambda1 * distill + (1 - lambda1) * CE``).
+Its ``distill`` calls ``KLDivLoss(log_softmax(t/T), softmax(s/T))``, which is KL(student || teacher),
+the other direction; "paper" keeps the usual direction (teacher || student) and only drops T^2 (a
+difference from the released code that a faithful reproduction still has to settle, issue 13).
 :func:`_kl_weights` is the one place that knows the two conventions; every function here takes
 ``kd_form`` ("hinton" by default) and refuses any other value.
 """
