@@ -8,7 +8,20 @@ from pathlib import Path
 
 import click
 
-from .config import CLIP_MODES, ES_PARAMS, KD_FORMS, LOOKAHEADS, SEARCH_METHODS, CompareConfig, MetaConfig, SearchConfig, TrainConfig
+from .config import (
+    CLIP_MODES,
+    ES_OBJECTIVES,
+    ES_PARAMS,
+    KD_FORMS,
+    LOOKAHEADS,
+    META_METHODS,
+    SEARCH_METHODS,
+    TUNE_KD_METHODS,
+    CompareConfig,
+    MetaConfig,
+    SearchConfig,
+    TrainConfig,
+)
 from .errors import Diverged, UserError
 
 T, M, C, S = TrainConfig, MetaConfig, CompareConfig, SearchConfig  # every default below is the config's own (declared once, in config.py)
@@ -118,7 +131,7 @@ def student_options(f):
         click.option("--temperature", type=float, default=T.temperature, show_default=True),
         click.option("--kd-form", type=click.Choice(KD_FORMS), default=T.kd_form, show_default=True, help=KD_FORM_HELP),
         click.option("--tune-kd", default=None,
-                     help="greedy | unrolled | extrapolate | extrapolate-periodic: move (beta, T) by validation hypergradients."),
+                     help=f"{' | '.join(TUNE_KD_METHODS)}: move (beta, T) by validation hypergradients."),
         click.option("--hyper-lr", type=float, default=T.hyper_lr, show_default=True),
         click.option("--hyper-clip", type=float, default=T.hyper_clip, show_default=True, help="Hypergradient clip (0: none)."),
         click.option("--hyper-clip-mode", type=click.Choice(CLIP_MODES), default=T.hyper_clip_mode, show_default=True,
@@ -174,7 +187,7 @@ def search(method, trials, retrain_seeds, out, **kw):
 @click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt].")
 @click.option("--kd-form", type=click.Choice(KD_FORMS), default=M.kd_form, show_default=True, help=KD_FORM_HELP)
 @click.option("--students", default=M.students, show_default=True, help="Comma-separated student family of the episodes.")
-@click.option("--method", type=click.Choice(["tbptt", "es"]), default=M.method, show_default=True,
+@click.option("--method", type=click.Choice(META_METHODS), default=M.method, show_default=True,
               help="Meta-gradient: truncated backprop through unrolls, or antithetic ES on end-of-episode val loss.")
 @click.option("--unroll", type=int, default=M.unroll, show_default=True, help="tbptt: steps per truncated unroll (K).")
 @click.option("--curriculum", default=M.curriculum, show_default=True, help="Episode lengths, each for an equal share of the budget.")
@@ -187,7 +200,7 @@ def search(method, trials, retrain_seeds, out, **kw):
 @click.option("--sigma", type=float, default=M.sigma, show_default=True, help="es: std of the perturbations of the operator's weights.")
 @click.option("--pairs", type=int, default=M.pairs, show_default=True, help="es: antithetic pairs (2 whole episodes each) per meta-step and rank.")
 @click.option("--es-eval", type=int, default=M.es_eval, show_default=True, help="es: validation images of the end-of-episode loss.")
-@click.option("--es-objective", type=click.Choice(["ce", "error"]), default=M.es_objective, show_default=True,
+@click.option("--es-objective", type=click.Choice(ES_OBJECTIVES), default=M.es_objective, show_default=True,
               help="es: the end-of-episode validation cross-entropy or error rate.")
 @click.option("--es-params", type=click.Choice(list(ES_PARAMS)), default=M.es_params, show_default=True,
               help="es: perturb all operator weights, only the output layers, their 5 biases, the global head's 3 biases, "
@@ -223,7 +236,7 @@ def meta_train_cmd(threads, resume, no_progress, **kw):
 
 @cli.command()
 @click.option("--operators", default=C.operators, show_default=True,
-              help="Comma-separated: sgd | adam | adamw | BASE+greedy|unrolled|extrapolate|extrapolate-periodic | ckpt:PATH (a learned operator).")
+              help=f"Comma-separated: sgd | adam | adamw | BASE+{'|'.join(TUNE_KD_METHODS)} | ckpt:PATH (a learned operator).")
 @click.option("--seeds", type=int, default=C.seeds, show_default=True, help="Seeds 0..N-1 (student initialization and data order).")
 @click.option("--student", default=C.student, show_default=True)
 @click.option("--epochs", type=float, default=C.epochs, show_default=True)

@@ -16,6 +16,9 @@ from .errors import UserError
 KD_FORMS = ("hinton", "paper")  # the KD loss convention: with or without T^2 on the KL term (distill.py)
 CLIP_MODES = ("norm", "value")  # how the hypergradient is clipped (hypergrad.py)
 LOOKAHEADS = ("current", "base")  # the lr of the greedy hypergradient's look-ahead step (hypergrad.py)
+TUNE_KD_METHODS = ("greedy", "unrolled", "extrapolate", "extrapolate-periodic")  # --tune-kd (hypergrad.py)
+META_METHODS = ("tbptt", "es")  # meta-train --method (meta.py)
+ES_OBJECTIVES = ("ce", "error")  # meta-train --es-objective
 
 
 def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -265,11 +268,11 @@ class MetaConfig:
         if not self.meta_lr > 0:
             raise UserError(f"--meta-lr must be positive, got {self.meta_lr}")
         check_choice("--kd-form", self.kd_form, KD_FORMS)
-        if self.method not in ("tbptt", "es"):
+        if self.method not in META_METHODS:
             raise UserError(f"--method must be tbptt or es, got {self.method!r}")
         if self.method == "es" and not (self.sigma > 0 and self.pairs >= 1 and self.es_eval >= 1):
             raise UserError("--sigma, --pairs and --es-eval must be positive")
-        if self.es_objective not in ("ce", "error") or self.es_params not in ES_PARAMS:
+        if self.es_objective not in ES_OBJECTIVES or self.es_params not in ES_PARAMS:
             raise UserError(f"--es-objective must be ce or error, --es-params one of {', '.join(ES_PARAMS)}")
         for s in self.students.split(","):
             build_model(s)

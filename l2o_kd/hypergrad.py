@@ -64,7 +64,7 @@ from typing import Any
 
 import torch
 
-from .config import CLIP_MODES, KD_FORMS, LOOKAHEADS, TrainConfig, check_choice
+from .config import CLIP_MODES, KD_FORMS, LOOKAHEADS, TUNE_KD_METHODS, TrainConfig, check_choice
 from .distill import batch_ce, kd_gradient, kd_logit_gradient
 from .errors import UserError
 from .models import apply, frozen
@@ -75,7 +75,7 @@ from .operators.schedules import Schedule
 # deprecated torch.jit.script on first use; the warning is torch's own, not actionable by users.
 warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
 
-METHODS = ("greedy", "unrolled", "extrapolate", "extrapolate-periodic")
+METHODS = TUNE_KD_METHODS
 BETA_RANGE, T_RANGE = (0.0, 1.0), (0.1, 10.0)
 
 
