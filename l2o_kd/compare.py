@@ -35,10 +35,9 @@ from tqdm import tqdm
 
 from . import seeds as seed_ranges
 from .checkpoint import save_atomic_text
-from .config import CompareConfig, TrainConfig
+from .config import TUNE_KD_METHODS, CompareConfig, TrainConfig
 from .errors import Diverged, UserError
 from .fingerprint import check_fingerprint, file_digest
-from .hypergrad import METHODS as TUNE_KD_METHODS
 from .operators import CLASSIC
 from .plots import finished_runs, plot_comparison
 from .runlog import read_metrics

@@ -21,9 +21,17 @@ META_METHODS = ("tbptt", "es")  # meta-train --method (meta.py)
 ES_OBJECTIVES = ("ce", "error")  # meta-train --es-objective
 
 
-def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(flag: str, value: str, choices) -> None:
     if value not in choices:
         raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def parse_seeds(text: str, flag: str) -> list[int]:
+    """The seeds of a comma-separated flag such as ``--val-seeds 1000,1001``."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
 @dataclass
@@ -199,10 +207,7 @@ class SearchConfig:
             raise UserError(f"unknown search method {self.method!r}: use {' or '.join(SEARCH_METHODS)}")
         if self.trials < 1:
             raise UserError("--trials must be positive")
-        try:
-            seeds = [int(s) for s in self.retrain_seeds.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"--retrain-seeds must be comma-separated integers, got {self.retrain_seeds!r}") from None
+        seeds = parse_seeds(self.retrain_seeds, "--retrain-seeds")
         seed_ranges.check(seeds, "evaluation", "--retrain-seeds")
         return seeds
 
@@ -268,12 +273,11 @@ class MetaConfig:
         if not self.meta_lr > 0:
             raise UserError(f"--meta-lr must be positive, got {self.meta_lr}")
         check_choice("--kd-form", self.kd_form, KD_FORMS)
-        if self.method not in META_METHODS:
-            raise UserError(f"--method must be tbptt or es, got {self.method!r}")
+        check_choice("--method", self.method, META_METHODS)
         if self.method == "es" and not (self.sigma > 0 and self.pairs >= 1 and self.es_eval >= 1):
             raise UserError("--sigma, --pairs and --es-eval must be positive")
-        if self.es_objective not in ES_OBJECTIVES or self.es_params not in ES_PARAMS:
-            raise UserError(f"--es-objective must be ce or error, --es-params one of {', '.join(ES_PARAMS)}")
+        check_choice("--es-objective", self.es_objective, ES_OBJECTIVES)
+        check_choice("--es-params", self.es_params, ES_PARAMS)
         for s in self.students.split(","):
             build_model(s)
         seed_ranges.check(self.val_seed_list, "meta-validation", "--val-seeds")
@@ -281,10 +285,7 @@ class MetaConfig:
 
     @property
     def val_seed_list(self) -> list[int]:
-        try:
-            return [int(s) for s in self.val_seeds.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"--val-seeds must be comma-separated integers, got {self.val_seeds!r}") from None
+        return parse_seeds(self.val_seeds, "--val-seeds")
 
     @property
     def lengths(self) -> list[int]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import KD_FORMS, check_choice
+from .config import KD_FORMS, TrainConfig, check_choice
 from .models import apply, frozen
 
 
@@ -43,7 +43,7 @@ class KDTerms:
     kd: torch.Tensor  # the term beta multiplies: T^2 * KL (hinton) or KL (paper)
 
 
-def kd_terms(student: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor, beta, temperature, kd_form: str = "hinton") -> KDTerms:
+def kd_terms(student: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor, beta, temperature, kd_form: str = TrainConfig.kd_form) -> KDTerms:
     """Both terms and their mix. ``beta`` and ``temperature`` may be tensors (differentiable)."""
     ce = F.cross_entropy(student, y)
     if teacher is None:
@@ -52,7 +52,7 @@ def kd_terms(student: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tenso
     return KDTerms((1 - beta) * ce + beta * kd, ce, kd)
 
 
-def kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature, kd_form: str = "hinton") -> torch.Tensor:
+def kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature, kd_form: str = TrainConfig.kd_form) -> torch.Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)) (hinton) or the KL alone (paper), averaged over the batch."""
     weight, _ = _kl_weights(temperature, kd_form)
     log_p_s = F.log_softmax(student / temperature, dim=1)
@@ -61,7 +61,7 @@ def kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature, kd_form: 
     return weight * kl
 
 
-def kd_loss(student, teacher, y, beta, temperature, kd_form: str = "hinton") -> torch.Tensor:
+def kd_loss(student, teacher, y, beta, temperature, kd_form: str = TrainConfig.kd_form) -> torch.Tensor:
     return kd_terms(student, teacher, y, beta, temperature, kd_form).total
 
 
@@ -71,7 +71,7 @@ def batch_ce(model, params, buffers, x: torch.Tensor, y: torch.Tensor) -> torch.
     return F.cross_entropy(apply(model, params, frozen(buffers), x, train=True), y)
 
 
-def kd_logit_gradient(s: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, beta, temperature, kd_form: str = "hinton") -> torch.Tensor:
+def kd_logit_gradient(s: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, beta, temperature, kd_form: str = TrainConfig.kd_form) -> torch.Tensor:
     """d L / d s for student logits ``s``: ``(1-beta) (softmax(s) - onehot(y)) / n + beta c (softmax(s/T) - softmax(t/T)) / n``
     with ``c = T`` (hinton) or ``1/T`` (paper)."""
     _, scale = _kl_weights(temperature, kd_form)
@@ -81,7 +81,7 @@ def kd_logit_gradient(s: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, b
     return (1 - beta) * delta_ce + beta * delta_kd
 
 
-def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second_order: bool = False, kd_form: str = "hinton"):
+def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second_order: bool = False, kd_form: str = TrainConfig.kd_form):
     """Gradient of the KD loss w.r.t. ``params`` that stays differentiable in ``beta`` and
     ``temperature`` (and in ``params`` too when ``second_order``), for meta- and hypergradients.
 

@@ -35,6 +35,11 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+def record_fingerprint(folder: str | Path, decisive: dict[str, Any]) -> None:
+    """Write ``decisive`` as ``folder/fingerprint.json`` (replacing any recorded one)."""
+    save_atomic_text(json.dumps(_canonical(decisive), indent=2, sort_keys=True) + "\n", Path(folder) / FILE)
+
+
 def check_fingerprint(folder: str | Path, decisive: dict[str, Any], what: str, has_results: bool = False) -> None:
     """Record ``decisive`` in ``folder/fingerprint.json``, or check it against the recorded one.
 
@@ -46,7 +51,7 @@ def check_fingerprint(folder: str | Path, decisive: dict[str, Any], what: str, h
     if not path.exists():
         if has_results:
             raise UserError(f"{folder} holds a {what} made before configurations were fingerprinted: use another output folder")
-        save_atomic_text(json.dumps(now, indent=2, sort_keys=True) + "\n", path)
+        record_fingerprint(folder, decisive)
         return
     then = json.loads(path.read_text())
     diff = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]

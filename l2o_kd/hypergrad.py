@@ -75,7 +75,6 @@ from .operators.schedules import Schedule
 # deprecated torch.jit.script on first use; the warning is torch's own, not actionable by users.
 warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
 
-METHODS = TUNE_KD_METHODS
 BETA_RANGE, T_RANGE = (0.0, 1.0), (0.1, 10.0)
 
 
@@ -115,8 +114,8 @@ class HyperKD(Operator):
                  unroll: int = TrainConfig.hyper_unroll, switch: int = 0, *, kd_form: str = TrainConfig.kd_form,
                  clip_mode: str = TrainConfig.hyper_clip_mode, lookahead: str = TrainConfig.hyper_lookahead,
                  greedy_len: int = TrainConfig.periodic_greedy, follow_len: int = TrainConfig.periodic_follow):
-        if method not in METHODS:
-            raise UserError(f"unknown --tune-kd method {method!r}: use one of {', '.join(METHODS)}")
+        if method not in TUNE_KD_METHODS:
+            raise UserError(f"unknown --tune-kd method {method!r}: use one of {', '.join(TUNE_KD_METHODS)}")
         if method == "extrapolate" and switch < 1:
             raise UserError("extrapolate needs a positive switch step (greedy phase length)")
         if greedy_len < 1 or follow_len < 0:

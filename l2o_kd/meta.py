@@ -49,7 +49,7 @@ from .distill import batch_ce, kd_gradient
 from .distributed import Dist
 from .errors import Diverged, UserError
 from .fingerprint import FILE as FINGERPRINT
-from .fingerprint import check_fingerprint, file_digest
+from .fingerprint import check_fingerprint, file_digest, record_fingerprint
 from .models import apply, build_model, split_state
 from .operators import Adam, Operator, StepContext
 from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
@@ -189,8 +189,7 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         if (run_dir / FINGERPRINT).exists():  # the same experiment only (a run saved before fingerprints is not checked)
             check_fingerprint(run_dir, decisive, "meta-training run")
     elif main:  # a fresh run: its own fingerprint
-        (run_dir / FINGERPRINT).unlink(missing_ok=True)
-        check_fingerprint(run_dir, decisive, "meta-training run")
+        record_fingerprint(run_dir, decisive)
 
     if cfg.init:  # continue from a saved operator (its own config wins over --hidden/--base-scale)
         net = load_operator(cfg.init, cfg.device).net
