@@ -17,6 +17,7 @@ import atexit
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -89,8 +90,16 @@ def from_env(device: str) -> Dist | None:
 
 def _shutdown() -> None:
     """Destroy the process group before the interpreter exits: left to implicit teardown, gloo's
-    threads can abort the process ("terminate called without an active exception", seen in CI)."""
+    threads can abort the process ("terminate called without an active exception", seen in CI). The
+    ranks first wait for each other (gloo: a barrier that gives up after 10 s, when a peer is gone),
+    so none tears gloo down while a peer still talks to it (the abort was seen again once with the
+    destroy alone)."""
     if dist.is_initialized():
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=10))
+        except Exception:  # noqa: BLE001, S110 - a peer already gone: destroy anyway
+            pass
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001, S110 - a peer already gone; the process is exiting anyway
