@@ -188,8 +188,9 @@ def search(method, trials, retrain_seeds, out, **kw):
 @click.option("--kd-form", type=click.Choice(KD_FORMS), default=M.kd_form, show_default=True, help=KD_FORM_HELP)
 @click.option("--students", default=M.students, show_default=True, help="Comma-separated student family of the episodes.")
 @click.option("--method", type=click.Choice(META_METHODS), default=M.method, show_default=True,
-              help="Meta-gradient: truncated backprop through unrolls, or antithetic ES on end-of-episode val loss.")
-@click.option("--unroll", type=int, default=M.unroll, show_default=True, help="tbptt: steps per truncated unroll (K).")
+              help="Meta-gradient: truncated backprop through unrolls, antithetic ES on end-of-episode val loss, or persistent ES "
+                   "(unbiased for the whole episode, one truncation per meta-step).")
+@click.option("--unroll", type=int, default=M.unroll, show_default=True, help="tbptt, pes: steps per truncation (K).")
 @click.option("--curriculum", default=M.curriculum, show_default=True, help="Episode lengths, each for an equal share of the budget.")
 @click.option("--meta-steps", type=int, default=M.meta_steps, show_default=True, help="Budget in meta-steps.")
 @click.option("--minutes", type=float, default=None, help="Budget in wall-clock minutes (whichever ends first).")
@@ -197,13 +198,13 @@ def search(method, trials, retrain_seeds, out, **kw):
 @click.option("--clip", type=float, default=M.clip, show_default=True, help="Meta-gradient norm clip.")
 @click.option("--batch-size", type=int, default=M.batch_size, show_default=True)
 @click.option("--second-order", is_flag=True, help="tbptt: differentiate through the student's gradients too (dearer).")
-@click.option("--sigma", type=float, default=M.sigma, show_default=True, help="es: std of the perturbations of the operator's weights.")
-@click.option("--pairs", type=int, default=M.pairs, show_default=True, help="es: antithetic pairs (2 whole episodes each) per meta-step and rank.")
-@click.option("--es-eval", type=int, default=M.es_eval, show_default=True, help="es: validation images of the end-of-episode loss.")
+@click.option("--sigma", type=float, default=M.sigma, show_default=True, help="es, pes: std of the perturbations of the operator's weights.")
+@click.option("--pairs", type=int, default=M.pairs, show_default=True, help="Population per meta-step and rank: es/pes antithetic pairs of episodes, tbptt episodes.")
+@click.option("--es-eval", type=int, default=M.es_eval, show_default=True, help="es, pes: validation images of the objective (end of episode / of each truncation).")
 @click.option("--es-objective", type=click.Choice(ES_OBJECTIVES), default=M.es_objective, show_default=True,
-              help="es: the end-of-episode validation cross-entropy or error rate.")
+              help="es, pes: validation cross-entropy or error rate.")
 @click.option("--es-params", type=click.Choice(list(ES_PARAMS)), default=M.es_params, show_default=True,
-              help="es: perturb all operator weights, only the output layers, their 5 biases, the global head's 3 biases, "
+              help="es, pes: perturb all operator weights, only the output layers, their 5 biases, the global head's 3 biases, "
                    "or those 3 and their slopes in progress (fewer dimensions, less variance).")
 @click.option("--hidden", type=int, default=M.hidden, show_default=True)
 @click.option("--base-scale", type=float, default=M.base_scale, show_default=True)

@@ -17,7 +17,7 @@ KD_FORMS = ("hinton", "paper")  # the KD loss convention: with or without T^2 on
 CLIP_MODES = ("norm", "value")  # how the hypergradient is clipped (hypergrad.py)
 LOOKAHEADS = ("current", "base")  # the lr of the greedy hypergradient's look-ahead step (hypergrad.py)
 TUNE_KD_METHODS = ("greedy", "unrolled", "extrapolate", "extrapolate-periodic")  # --tune-kd (hypergrad.py)
-META_METHODS = ("tbptt", "es")  # meta-train --method (meta.py)
+META_METHODS = ("tbptt", "es", "pes")  # meta-train --method (meta.py)
 ES_OBJECTIVES = ("ce", "error")  # meta-train --es-objective
 
 
@@ -228,8 +228,8 @@ class MetaConfig:
     teacher: str | None = None
     kd_form: str = TrainConfig.kd_form  # the KD loss convention of the episodes (and of meta-validation)
     students: str = "tiny,tiny_wide"
-    method: str = "tbptt"  # tbptt | es
-    unroll: int = 20
+    method: str = "tbptt"  # tbptt | es | pes
+    unroll: int = 20  # tbptt, pes: steps per truncation
     curriculum: str = "100,300,1000"  # episode lengths, each used for an equal share of the budget
     meta_steps: int = 300
     minutes: float | None = None  # wall-clock budget; wins over meta_steps when reached first
@@ -237,10 +237,10 @@ class MetaConfig:
     clip: float = 1.0
     batch_size: int = TrainConfig.batch_size
     second_order: bool = False
-    sigma: float = 0.02  # es: standard deviation of the perturbations of phi
-    pairs: int = 1  # es: antithetic pairs per meta-step (per rank under torchrun)
-    es_eval: int = 2000  # es: validation images of the end-of-episode loss
-    es_objective: str = "ce"  # es: end-of-episode validation "ce" or "error" (ES needs no gradient of it)
+    sigma: float = 0.02  # es, pes: standard deviation of the perturbations of phi
+    pairs: int = 1  # the population per meta-step and rank: es/pes antithetic pairs, tbptt episodes
+    es_eval: int = 2000  # es, pes: validation images of the objective
+    es_objective: str = "ce"  # es, pes: validation "ce" or "error" (ES needs no gradient of it)
     es_params: str = "all"  # es: a key of ES_PARAMS
     hidden: int = 20
     base_scale: float = 1e-3
@@ -274,7 +274,7 @@ class MetaConfig:
             raise UserError(f"--meta-lr must be positive, got {self.meta_lr}")
         check_choice("--kd-form", self.kd_form, KD_FORMS)
         check_choice("--method", self.method, META_METHODS)
-        if self.method == "es" and not (self.sigma > 0 and self.pairs >= 1 and self.es_eval >= 1):
+        if not (self.sigma > 0 and self.pairs >= 1 and self.es_eval >= 1):
             raise UserError("--sigma, --pairs and --es-eval must be positive")
         check_choice("--es-objective", self.es_objective, ES_OBJECTIVES)
         check_choice("--es-params", self.es_params, ES_PARAMS)

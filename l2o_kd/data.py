@@ -305,6 +305,7 @@ class BatchLoader:
         self.device = torch.device(device)
         self.normalize = Normalize(mean, std, device)
         self.channels_last = channels_last
+        self._last_order: tuple = (None, None)
 
     def __len__(self) -> int:
         n = len(self.y)
@@ -320,7 +321,9 @@ class BatchLoader:
         a pure function of (index, seed), so a resumed run draws the same batches."""
         assert not self.augment, "batch_at is for un-augmented streams"
         epoch, b = divmod(index, len(self))
-        _, order = self._order(epoch, seed)
+        if self._last_order[0] != (epoch, seed):  # one permutation per epoch, not per batch
+            self._last_order = ((epoch, seed), self._order(epoch, seed)[1])
+        order = self._last_order[1]
         return self._batch(order[b * self.batch_size : (b + 1) * self.batch_size], None)
 
     def _order(self, epoch: int, seed: int) -> tuple[torch.Generator, torch.Tensor]:

@@ -1,65 +1,64 @@
-"""Meta-training of the learned operator across short distillation episodes, by one of two estimators
-of the meta-gradient (``--method``):
+"""Meta-training of the learned operator across distillation episodes, by one of three estimators
+of the meta-gradient (``--method``, objects in :mod:`l2o_kd.estimators`):
 
-* ``tbptt``: truncated backpropagation through the unrolled training (below);
+* ``tbptt``: truncated backpropagation: every ``--unroll`` steps the mean validation CE over those
+  steps (val minibatches) is backpropagated into phi, then the episode goes on from detached tensors.
+  Measured here: biased towards small steps, beta and T (the short-horizon bias).
 * ``es``: antithetic evolution strategies on the validation loss at the *end* of whole episodes
-  (Salimans et al. 2017; Metz et al. 2019), free of the short-horizon bias of truncated unrolls.
+  (Salimans et al. 2017; Metz et al. 2019): unbiased, two whole episodes per meta-step.
+* ``pes``: persistent ES (Vicol et al. 2021): pairs of episodes advanced ``--unroll`` steps per
+  meta-step, unbiased for the sum over truncations of the validation loss at their ends (the whole
+  learning curve), one truncation per meta-step.
 
-An episode is a fresh student (drawn from a small family, seeded) trained by the operator on
-minibatches of the train split with cached teacher logits. Every ``unroll`` steps the mean
-validation cross-entropy of the student over those steps (val split minibatches) is backpropagated
-into the operator's weights phi, the meta-optimizer (Adam, clipped) steps, and the episode goes on
-from detached tensors, so memory stays bounded however long the episode is.
+An episode (a *particle*) is a fresh student (drawn from ``--students``, seeded in the meta-training
+range of :mod:`l2o_kd.seeds`) trained by the operator with :func:`l2o_kd.step.training_step`, the
+step deploy takes, on the batches deploy would draw for that seed, with cached teacher logits.
+``--pairs`` particles (pairs for ES/PES) form the population of a meta-step; under torchrun every
+rank has its own and the meta-gradients are averaged.
 
-The gradient fed to the operator is built in logit space,
+For TBPTT the gradient fed to the operator is built in logit space,
 
     g = J_s^T [ (1 - beta) * dCE/ds + beta * d(T^2 KL)/ds (T) ]    (T^2 KL: KL alone with --kd-form paper),
 
-with the student Jacobian ``J_s`` taken at detached weights (first order) but the bracket kept
-differentiable in beta and T: the meta-gradient then reaches the head that chooses beta_t and T_t
-(with fully detached gradients it would be exactly zero, since beta and T act only through g).
-
-Truncated unrolls are biased towards the short term (Wu et al. 2018): measured here, they shrink
-the step scale, beta and T and make the operator worse at longer horizons. ES instead perturbs phi
-by ``+-sigma*eps``, runs the same episode (same student, same batches) with both operators to its
-end, and estimates ``grad_phi E[L] ~ (L+ - L-) / (2 sigma) * eps``: no backpropagation, no graph,
-an unbiased gradient of the Gaussian-smoothed end-of-episode validation loss.
+with the student Jacobian ``J_s`` at detached weights (first order) but the bracket differentiable in
+beta and T, so the meta-gradient reaches the head that chooses beta_t and T_t; it equals deploy's
+gradient (tested).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from . import seeds as seed_ranges
 from .checkpoint import load_checkpoint, save_atomic
 from .config import ES_PARAMS, MetaConfig, TrainConfig
-from .data import Normalize, Splits, load_splits
-from .distill import batch_ce, kd_gradient
+from .data import BatchLoader, Splits, load_splits
+from .distill import batch_ce
 from .distributed import Dist
 from .errors import Diverged, UserError
+from .estimators import ES, PES, TBPTT, GradientEstimator, TruncationSchedule
 from .fingerprint import FILE as FINGERPRINT
 from .fingerprint import check_fingerprint, file_digest, record_fingerprint
 from .models import apply, build_model, split_state
-from .operators import Adam, Operator, StepContext
+from .operators import Adam, Operator
 from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from .runlog import RunLog
+from .step import training_step
 from .teacher import load_model_checkpoint, teacher_logits, teacher_path
 from .train import train
 
 
 class Episode:
-    """A student being trained by the operator: its tensors, the operator's state and a batch stream."""
+    """A student being trained by the operator: its tensors, the operator's state and its batches,
+    drawn as deploy draws them (``BatchLoader`` epochs of the train split, shuffled by ``seed``)."""
 
     def __init__(self, splits: Splits, logits: torch.Tensor, operator: LSTMOperator, student: str, seed: int, length: int, cfg: MetaConfig):
         self.model = build_model(student, seed=seed).to(cfg.device)
@@ -68,35 +67,25 @@ class Episode:
         self.splits, self.logits, self.cfg = splits, logits, cfg
         self.step, self.length, self.student, self.seed = 0, length, student, seed
         self.diverged = False
-        self.gen = torch.Generator().manual_seed(seed)
-        self.normalize = Normalize(splits.dataset.mean, splits.dataset.std, cfg.device)
+        kw = dict(mean=splits.dataset.mean, std=splits.dataset.std, shuffle=True, drop_last=True, device=cfg.device)
+        self.train_loader = BatchLoader(*splits.split("train"), cfg.batch_size, **kw)
+        self.val_loader = BatchLoader(*splits.split("val"), cfg.batch_size, **kw)
 
     @property
     def done(self) -> bool:
         return self.step >= self.length
 
-    def batch(self, split: str):
-        """A minibatch drawn with replacement by the episode's generator: (normalized x, y, indices)."""
-        idx = torch.randint(len(self.splits.split(split)[1]), (self.cfg.batch_size,), generator=self.gen)
-        return *self.images(split, idx), idx
-
-    def images(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images ``idx`` of ``split``, normalized, and their labels, on the episode's device."""
-        x, y = self.splits.split(split)
-        return self.normalize(x[idx]), y[idx].to(self.cfg.device)
-
     def snapshot(self) -> dict:
         """Everything needed to continue this episode exactly (for resumable meta-training)."""
         return {"student": self.student, "seed": self.seed, "length": self.length, "step": self.step, "params": self.params,
-                "buffers": self.buffers, "state": self.state, "generator": self.gen.get_state()}
+                "buffers": self.buffers, "state": self.state, "diverged": self.diverged}
 
     @classmethod
     def restore(cls, snap: dict, splits: Splits, logits: torch.Tensor, operator: LSTMOperator, cfg: MetaConfig) -> Episode:
         ep = cls(splits, logits, operator, snap["student"], snap["seed"], snap["length"], cfg)
         dev = cfg.device
-        ep.step = snap["step"]
+        ep.step, ep.diverged = snap["step"], snap.get("diverged", False)
         ep.params, ep.buffers, ep.state = ({k: v.to(dev) for k, v in snap[key].items()} for key in ("params", "buffers", "state"))
-        ep.gen.set_state(snap["generator"])
         return ep
 
     def detach(self) -> None:
@@ -105,65 +94,104 @@ class Episode:
         self.state = {k: v.detach() for k, v in self.state.items()}
 
 
-def train_step(operator: LSTMOperator, ep: Episode) -> None:
-    """One operator step of the episode on a train minibatch, with the KD (beta, T) the operator chose."""
-    x, y, idx = ep.batch("train")
-    kd = operator.kd(ep.state)
-    grads, ce, kdl = kd_gradient(ep.model, ep.params, ep.buffers, x, y, ep.logits[idx.to(ep.logits.device)], kd.beta, kd.temperature,
-                                 ep.cfg.second_order, ep.cfg.kd_form)
-    beta = float(kd.beta.detach())
-    ctx = StepContext(ep.step, ep.length, (1 - beta) * ce + beta * kdl, ce, kdl)
-    ep.params, ep.state, _ = operator.step(ep.params, grads, ep.state, ctx)
+def train_step(operator: LSTMOperator, ep: Episode, differentiable: bool = False) -> None:
+    """One operator step of the episode: :func:`l2o_kd.step.training_step`, the step deploy takes."""
+    b = ep.train_loader.batch_at(ep.step, ep.seed)
+    out = training_step(operator, ep.model, ep.params, ep.buffers, ep.state, b.x, b.y, ep.logits[b.idx.to(ep.logits.device)], step=ep.step,
+                        total_steps=ep.length, kd_form=ep.cfg.kd_form, fixed_kd=(TrainConfig.beta, TrainConfig.temperature),
+                        differentiable=differentiable, second_order=ep.cfg.second_order)
+    ep.params, ep.state = out.params, out.state
     ep.step += 1
 
 
 def unroll(operator: LSTMOperator, ep: Episode, k: int) -> torch.Tensor:
-    """``k`` operator steps of an episode; returns the mean validation CE after each (a graph to phi)."""
+    """``k`` operator steps of an episode; returns the mean validation CE after each (a graph to phi):
+    the validation batch of step t is the one deploy's hypergradients use (``val_loader.batch_at``)."""
     losses = []
     for _ in range(min(k, ep.length - ep.step)):
-        train_step(operator, ep)
-        xv, yv, _ = ep.batch("val")
-        losses.append(batch_ce(ep.model, ep.params, ep.buffers, xv, yv))
+        train_step(operator, ep, differentiable=True)
+        vb = ep.val_loader.batch_at(ep.step, ep.seed + 7)
+        losses.append(batch_ce(ep.model, ep.params, ep.buffers, vb.x, vb.y))
     return torch.stack(losses).mean()
 
 
-DIVERGED_LOSS = 10.0  # end-of-episode loss counted for a diverged episode (chance is ln 10 = 2.3)
+DIVERGED_LOSS = 10.0  # objective counted for a diverged episode (chance is ln 10 = 2.3)
 
 
-def episode_end_loss(operator: LSTMOperator, ep: Episode, n_val: int, objective: str = "ce") -> float:
-    """Runs the episode to its end, then the student's validation CE, or error rate with
-    ``objective="error"`` (eval mode, running BatchNorm statistics), on ``n_val`` images drawn by the
-    episode's generator; a diverged episode scores ``DIVERGED_LOSS`` (CE) or 0.9 (error)."""
-    while not ep.done:
-        train_step(operator, ep)
-        ep.detach()
-    xv, yv = ep.images("val", torch.randperm(len(ep.splits.split("val")[1]), generator=ep.gen)[:n_val])
+def episode_loss(ep: Episode, n_val: int, objective: str = "ce") -> float:
+    """The student's validation CE, or error rate with ``objective="error"`` (eval mode, running
+    BatchNorm statistics), on ``n_val`` validation images drawn from (episode seed, step), so both
+    members of an antithetic pair see the same images; a diverged episode scores ``DIVERGED_LOSS``
+    (CE) or 0.9 (error)."""
+    gen = torch.Generator().manual_seed(ep.seed * 10_007 + ep.step)
+    xv, yv = ep.splits.split("val")
+    idx = torch.randperm(len(yv), generator=gen)[:n_val]
     with torch.no_grad():
-        logits = apply(ep.model, ep.params, ep.buffers, xv, train=False)
+        logits = apply(ep.model, ep.params, ep.buffers, ep.val_loader.normalize(xv[idx]), train=False)
+        yv = yv[idx].to(logits.device)
         ce = float(F.cross_entropy(logits, yv))
-    ep.diverged = not math.isfinite(ce)
+    ep.diverged = ep.diverged or not math.isfinite(ce)
     if ep.diverged:
         return DIVERGED_LOSS if objective == "ce" else 0.9
     return ce if objective == "ce" else float((logits.argmax(1) != yv).float().mean())
 
 
-def es_gradient(net: nn.Module, loss_of: Callable[[nn.Module], float], sigma: float, gen: torch.Generator,
-                trained: Callable[[str], bool] = lambda name: True) -> tuple[list[torch.Tensor], tuple[float, float]]:
-    """One antithetic ES estimate of the gradient of ``loss_of`` (smoothed by N(0, sigma^2)) w.r.t. the
-    parameters of ``net``: ``(L(phi + sigma eps) - L(phi - sigma eps)) / (2 sigma) * eps``. Returns it
-    and the two losses. ``loss_of`` gets a perturbed copy of ``net``; for a low-variance estimate it
-    must evaluate both on the same episode (common random numbers). Parameters whose name fails
-    ``trained`` are not perturbed (their estimate is zero): fewer dimensions, less variance."""
-    eps = [torch.randn(p.shape, generator=gen).to(p) * trained(name) for name, p in net.named_parameters()]
-    losses = []
-    for sign in (1.0, -1.0):
-        probe = copy.deepcopy(net).requires_grad_(False)
+def episode_end_loss(operator: LSTMOperator, ep: Episode, n_val: int, objective: str = "ce") -> float:
+    """Runs the episode to its end (no graph), then :func:`episode_loss`."""
+    with torch.no_grad():
+        while not ep.done:
+            train_step(operator, ep)
+    return episode_loss(ep, n_val, objective)
+
+
+class OperatorTask:
+    """Meta-training's :class:`l2o_kd.estimators.Task`: particles are :class:`Episode` s of a student
+    drawn from ``cfg.students`` (by the particle's key), seeded in the meta-training range."""
+
+    def __init__(self, splits: Splits, logits: torch.Tensor, cfg: MetaConfig, operator: LSTMOperator):
+        self.splits, self.logits, self.cfg = splits, logits, cfg
+        self.students = cfg.students.split(",")
+        self._init_operator = operator  # for init() only: the state's shapes and start values do not depend on phi
+
+    def new_particle(self, key: int, length: int) -> Episode:
+        student = random.Random(self.cfg.seed * 7919 + key).choice(self.students)
+        seed = seed_ranges.META_TRAIN.start + self.cfg.seed * 100_000 + key
+        return Episode(self.splits, self.logits, self._init_operator, student, seed=seed, length=length, cfg=self.cfg)
+
+    def unroll(self, net, ep: Episode, k: int) -> torch.Tensor:
+        return unroll(LSTMOperator(net), ep, k)
+
+    def advance(self, net, ep: Episode, k: int) -> None:
+        op = LSTMOperator(net)
         with torch.no_grad():
-            for p, e in zip(probe.parameters(), eps):
-                p.add_(sign * sigma * e)
-        losses.append(loss_of(probe))
-    coeff = (losses[0] - losses[1]) / (2 * sigma)
-    return [coeff * e for e in eps], (losses[0], losses[1])
+            for _ in range(k):
+                train_step(op, ep)
+
+    def loss(self, ep: Episode) -> float:
+        return episode_loss(ep, self.cfg.es_eval, self.cfg.es_objective)
+
+    def detach(self, ep: Episode) -> None:
+        ep.detach()
+
+    def snapshot(self, ep: Episode) -> dict:
+        return ep.snapshot()
+
+    def restore(self, snap: dict) -> Episode:
+        return Episode.restore(snap, self.splits, self.logits, self._init_operator, self.cfg)
+
+    def describe(self, ep: Episode) -> dict[str, float]:
+        return {"beta": float(ep.state["beta"]), "temperature": float(ep.state["temperature"]), "step_scale": float(ep.state["scale"]),
+                "episode_length": ep.length, "diverged": float(ep.diverged)}
+
+
+def make_estimator(cfg: MetaConfig, task, next_key) -> GradientEstimator:
+    """The estimator of ``cfg.method`` over ``task``; ``next_key()`` numbers the particles."""
+    schedule = TruncationSchedule(tuple(cfg.lengths), cfg.unroll)
+    if cfg.method == "tbptt":
+        return TBPTT(task, schedule, next_key, cfg.pairs)
+    trained = lambda name: name.startswith(ES_PARAMS[cfg.es_params])
+    kind = ES if cfg.method == "es" else PES
+    return kind(task, schedule, next_key, cfg.pairs, sigma=cfg.sigma, noise_seed=cfg.seed, trained=trained)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,24 +235,25 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
             raise UserError(f"{state_path} does not fit this operator ({str(exc).splitlines()[0]}): start a new --run-name") from exc
         meta_step, episode_idx, skipped, best, wall = (ck["progress"][k] for k in ("meta_step", "episode", "skipped", "best_val_acc", "wall_s"))
     log = RunLog(run_dir, {**asdict(cfg), "operator": operator.config()}, resume_step=meta_step, write=main)
-    students = cfg.students.split(",")
 
-    def new_episode() -> Episode:
-        frac = meta_step / cfg.meta_steps
-        length = cfg.lengths[min(int(frac * len(cfg.lengths)), len(cfg.lengths) - 1)]
-        rng = random.Random(cfg.seed * 7919 + episode_key())
-        return Episode(splits, logits, operator, rng.choice(students), seed=seed_ranges.META_TRAIN.start + cfg.seed * 100_000 + episode_key(), length=length, cfg=cfg)
+    def next_key() -> int:
+        """A new particle's key: distinct on every rank, counted in ``episode_idx`` (saved)."""
+        nonlocal episode_idx
+        key = episode_idx * (dist.world if dist else 1) + (dist.rank if dist else 0)
+        episode_idx += 1
+        return key
 
-    def episode_key() -> int:
-        return episode_idx * (dist.world if dist else 1) + (dist.rank if dist else 0)  # distinct episodes on every rank
-
-    episode_path = run_dir / f"episode-rank{dist.rank if dist else 0}.pt"
+    task = OperatorTask(splits, logits, cfg, operator)
+    estimator = make_estimator(cfg, task, next_key)
+    estimator_path = run_dir / f"estimator-rank{dist.rank if dist else 0}.pt"
+    if meta_step:
+        _resume_estimator(estimator, estimator_path, meta_step)
 
     def save_progress() -> None:
-        """The operator and meta-optimizer (rank 0) and this rank's episode in progress (every rank;
-        ES meta-steps run whole episodes, so there is none in progress between them)."""
-        if ep is not None:
-            save_atomic({"meta_step": meta_step, "episode": ep.snapshot()}, episode_path)
+        """This rank's estimator (its particles in progress: every rank) and the operator and
+        meta-optimizer (rank 0). The estimator is written first: a kill between the two writes leaves
+        an estimator from a later meta-step, which resume then ignores (fresh particles)."""
+        save_atomic({"meta_step": meta_step, "estimator": estimator.state_dict()}, estimator_path)
         if main:
             operator.save(state_path, meta_optimizer=meta_opt.state_dict(),
                           progress={"meta_step": meta_step, "episode": episode_idx, "skipped": skipped, "best_val_acc": best, "wall_s": wall})
@@ -247,79 +276,31 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
             log.row({"step": meta_step, **res, "best_val_acc": best, "skipped": skipped, "wall_s": round(wall, 1)})
         save_progress()
 
-    def tbptt_gradient() -> dict | None:
-        """Backpropagates one truncated unroll into p.grad; None when it is not finite."""
-        meta_loss = unroll(operator, ep, cfg.unroll)
-        if not bool(torch.isfinite(meta_loss)):
-            return None
-        meta_loss.backward()
-        ep.detach()
-        if not all(bool(torch.isfinite(p.grad).all()) for p in net.parameters() if p.grad is not None):
-            return None
-        return {"loss": meta_loss.item(), "episode_length": ep.length, "beta": float(ep.state["beta"]),
-                "temperature": float(ep.state["temperature"]), "step_scale": float(ep.state["scale"])}
-
-    def es_meta_gradient() -> dict:
-        """The mean of ``cfg.pairs`` antithetic ES estimates into p.grad; each pair runs one fresh
-        episode twice, once with each perturbed operator."""
-        nonlocal episode_idx
-        total, losses, finals = None, [], []
-        trained = lambda name: name.startswith(ES_PARAMS[cfg.es_params])
-
-        def end_loss(probe: nn.Module) -> float:
-            ep = new_episode()  # the same student, initialization and batches for both members of the pair
-            loss = episode_end_loss(LSTMOperator(probe), ep, cfg.es_eval, cfg.es_objective)
-            finals.append({"beta": float(ep.state["beta"]), "temperature": float(ep.state["temperature"]),
-                           "step_scale": float(ep.state["scale"]), "episode_length": ep.length, "diverged": ep.diverged})
-            return loss
-
-        for _ in range(cfg.pairs):
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + episode_key())
-            grads, pair = es_gradient(net, end_loss, cfg.sigma, gen, trained)
-            total = grads if total is None else [a + b for a, b in zip(total, grads)]
-            losses.append(pair)
-            episode_idx += 1
-        for p, g in zip(net.parameters(), total):
-            p.grad = g / cfg.pairs
-        mean = lambda xs: sum(xs) / len(xs)
-        return {"loss": mean([sum(pair) / 2 for pair in losses]), "loss_diff": mean([a - b for a, b in losses]),
-                **{k: mean([st[k] for st in finals]) for k in ("beta", "temperature", "step_scale", "episode_length")},
-                "diverged": sum(st["diverged"] for st in finals)}
-
-    ep = None
-    if cfg.method == "tbptt":
-        ep = (_resumed_episode(episode_path, meta_step, splits, logits, operator, cfg) if meta_step else None) or new_episode()
-    bar = tqdm(total=cfg.meta_steps, initial=meta_step, desc="meta-train", disable=not (cfg.progress and main), dynamic_ncols=True)
+    bar = tqdm(total=cfg.meta_steps, initial=meta_step, desc=f"meta-train ({estimator.name})", disable=not (cfg.progress and main),
+               dynamic_ncols=True)
     t_start = time.perf_counter() - wall
     if meta_step == 0:
         validate()
     while meta_step < cfg.meta_steps and not _out_of_time(cfg, t_start, dist):
         meta_opt.zero_grad()
-        stats = es_meta_gradient() if cfg.method == "es" else tbptt_gradient()
-        finite = stats is not None
+        grads, stats = estimator.estimate(net, meta_step / cfg.meta_steps)
+        finite = grads is not None
         if dist:
             finite = not dist.any(not finite)  # one rank's non-finite step is skipped by all
-        if not finite:  # skip the step, restart the episode
+        if not finite:  # skip the step (the estimator restarted the particle involved)
             skipped += 1
-            meta_opt.zero_grad()
             log.scalars(meta_step, {"skipped": skipped}, "meta/")
-            episode_idx += 1
-            if ep is not None:
-                ep = new_episode()
             continue
         if dist:
-            with_grad = [p for p in net.parameters() if p.grad is not None]
-            for p, g in zip(with_grad, dist.average([p.grad for p in with_grad])):
-                p.grad = g
+            grads = dist.average(grads)
+        for p, g in zip(net.parameters(), grads):
+            p.grad = g
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)
         meta_opt.step()
         log.scalars(meta_step, {**stats, "grad_norm": grad_norm.item()}, "meta/")
         meta_step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", ep=f"{ep.student}:{ep.step}/{ep.length}" if ep else f"{episode_idx} episodes")
-        if ep is not None and ep.done:
-            episode_idx += 1
-            ep = new_episode()
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", particles=episode_idx)
         if meta_step % cfg.validate_every == 0 or meta_step == cfg.meta_steps:
             validate()
     wall = time.perf_counter() - t_start
@@ -329,14 +310,14 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     return {"meta_steps": meta_step, "best_val_acc": best, "skipped": skipped, "wall_s": wall, "best": str(best_path)}
 
 
-def _resumed_episode(path: Path, meta_step: int, splits, logits, operator, cfg: MetaConfig) -> Episode | None:
-    """The episode that was in progress at the checkpoint, or None (then a fresh one starts)."""
+def _resume_estimator(estimator: GradientEstimator, path: Path, meta_step: int) -> None:
+    """The estimator's particles at the checkpoint; none (fresh particles) when its file is missing or
+    from another meta-step (killed between the two writes of a checkpoint)."""
     if not path.exists():
-        return None
+        return
     saved = torch.load(path, weights_only=True, map_location="cpu")
-    if saved["meta_step"] != meta_step:  # killed between the two writes: the episode is from another step
-        return None
-    return Episode.restore(saved["episode"], splits, logits, operator, cfg)
+    if saved["meta_step"] == meta_step:
+        estimator.load_state_dict(saved["estimator"])
 
 
 def _out_of_time(cfg: MetaConfig, t_start: float, dist: Dist | None) -> bool:

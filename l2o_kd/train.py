@@ -22,7 +22,6 @@ from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .data import BatchLoader, Splits, load_splits
 from .device import peak_memory_mb
-from .distill import kd_terms
 from .distributed import Dist, cross_rank_batchnorm
 from .errors import Diverged, UserError
 from .fingerprint import file_digest
@@ -30,6 +29,7 @@ from .hypergrad import Batches
 from .models import apply, build_model, split_state
 from .operators import Operator, Schedule, StepContext, classic_operator, global_norm
 from .runlog import RunLog, read_metrics
+from .step import training_step
 from .teacher import Teacher, teacher_path
 
 
@@ -202,32 +202,21 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
         for batch in itertools.islice(train_loader.epoch(epoch, cfg.seed), offset, None):
             if dist:
                 batch = dist.shard(batch)
-            kd = operator.kd(state)
-            beta, temperature = (kd.beta, kd.temperature) if kd else (cfg.beta, cfg.temperature)
-            for p in params.values():
-                p.requires_grad_(True)
-            with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=cfg.amp):
-                logits = apply(model, params, buffers, batch.x, train=True).float()
             t_logits = teacher.logits(batch) if teacher else None
-            terms = kd_terms(logits, t_logits, batch.y, beta, temperature, cfg.kd_form)
-            grads = dict(zip(params, torch.autograd.grad(terms.total, list(params.values()))))
-            stats = torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == batch.y).float().mean()]).detach()
-            if dist:  # the gradient and loss of the global batch: means over equal shards
-                *averaged, stats = dist.average([*grads.values(), stats])
-                grads = dict(zip(grads, averaged))
-            loss, ce, kd_value, acc = stats.tolist()
-            if not math.isfinite(loss):
+            batches = None
+            if operator.needs_batches:  # the model, this step's batch and the val batch of this step
+                batches = Batches(model, buffers, batch.x, batch.y, t_logits, functools.partial(_xy, val_stream, step, cfg.seed + 7))
+            out = training_step(operator, model, params, buffers, state, batch.x, batch.y, t_logits, step=step, total_steps=total_steps,
+                                kd_form=cfg.kd_form, fixed_kd=(cfg.beta, cfg.temperature), amp=cfg.amp,
+                                reduce=dist.average if dist else None, batches=batches)
+            new_params, state, info, grads, ctx, beta, temperature = out.params, out.state, out.info, out.grads, out.ctx, out.beta, out.temperature
+            acc = float(out.stats[3])
+            if not math.isfinite(ctx.loss):
                 bar.close()
                 raise Diverged(step, "training loss")
-            ctx = StepContext(step, total_steps, loss, ce, kd_value)
-            if operator.needs_batches:
-                val = functools.partial(_xy, val_stream, step, cfg.seed + 7)  # the val batch of this step
-                ctx.batches = Batches(model, buffers, batch.x, batch.y, t_logits, val)
-            with torch.no_grad():
-                new_params, state, info = operator.step({k: p.detach() for k, p in params.items()}, grads, state, ctx)
             if step % cfg.log_every == 0 or step % cfg.hist_every == 0:
                 _log_step(log, step, cfg, params, new_params, grads, ctx, beta, temperature, info)
-            params = {k: p.detach() for k, p in new_params.items()}
+            params = new_params
             sums.add(ctx, acc, float(beta), float(temperature), info)
             step += 1
             bar.update(1)

@@ -57,13 +57,13 @@ def kill_at_call(monkeypatch, module, name: str, n: int) -> None:
 def interrupted_then_resumed(monkeypatch, cfg_kw: dict, crash_at_step: int) -> dict:
     """Run ``train`` under run name "cut", "kill" it when it reaches the ``crash_at_step``-th
     training loss, then ``--resume`` it; returns the resumed run's last row."""
-    import l2o_kd.train as train_mod
+    import l2o_kd.step as step_mod
     from l2o_kd.config import TrainConfig
     from l2o_kd.train import train
 
-    real = train_mod.kd_terms
-    kill_at_call(monkeypatch, train_mod, "kd_terms", crash_at_step)
+    real = step_mod.kd_terms
+    kill_at_call(monkeypatch, step_mod, "kd_terms", crash_at_step)
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(run_name="cut", **cfg_kw))
-    monkeypatch.setattr(train_mod, "kd_terms", real)
+    monkeypatch.setattr(step_mod, "kd_terms", real)
     return train(TrainConfig(run_name="cut", **cfg_kw), resume=True)

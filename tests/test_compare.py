@@ -8,7 +8,7 @@ import torch
 from conftest import kill_at_call
 
 import l2o_kd.compare as compare_mod
-import l2o_kd.train as train_mod
+import l2o_kd.step as step_mod
 from l2o_kd import seeds
 from l2o_kd.compare import OperatorSpec, compare, lr_grid, parse_specs, read_results, summarize
 from l2o_kd.config import CompareConfig
@@ -77,13 +77,13 @@ def test_interrupted_compare_resumes_without_redoing_finished_cells(tmp_path, te
     full = read_results(_run_full(tmp_path, teacher_ckpt))
 
     cfg = _cfg(tmp_path, teacher_ckpt, out=str(tmp_path / "cut"))
-    real = train_mod.kd_terms
-    kill_at_call(monkeypatch, train_mod, "kd_terms", 2 * 30 + 25)  # in the third cell (sgd, seed 1), after its step-20 checkpoint
+    real = step_mod.kd_terms
+    kill_at_call(monkeypatch, step_mod, "kd_terms", 2 * 30 + 25)  # in the third cell (sgd, seed 1), after its step-20 checkpoint
     with pytest.raises(KeyboardInterrupt):
         compare(cfg)
     assert {(r["operator"], r["seed"]) for r in read_results(tmp_path / "cut")} == {("sgd", 0), ("adam", 0)}
 
-    monkeypatch.setattr(train_mod, "kd_terms", real)
+    monkeypatch.setattr(step_mod, "kd_terms", real)
     started = []
     real_train = compare_mod.train
     monkeypatch.setattr(compare_mod, "train", lambda c, **kw: started.append(c.run_name) or real_train(c, **kw))

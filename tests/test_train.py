@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import FAST, interrupted_then_resumed
 
-import l2o_kd.train as train_mod
+import l2o_kd.step as step_mod
 from l2o_kd.checkpoint import load_checkpoint, save_checkpoint
 from l2o_kd.cli import main
 from l2o_kd.config import TrainConfig
@@ -200,7 +200,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, monkey
     from l2o_kd.errors import Diverged
 
     cfg = TrainConfig(model="tiny", beta=0.0, epochs=2, runs_dir=str(tmp_path), run_name="n", tensorboard=False, **FAST)
-    real = train_mod.kd_terms
+    real = step_mod.kd_terms
     calls = {"n": 0}
 
     def nan_in_epoch_two(*a, **k):
@@ -210,7 +210,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, monkey
             out.total = out.total * float("nan")
         return out
 
-    monkeypatch.setattr(train_mod, "kd_terms", nan_in_epoch_two)
+    monkeypatch.setattr(step_mod, "kd_terms", nan_in_epoch_two)
     with pytest.raises(Diverged, match="step 30"):
         train(cfg)
     ck = load_checkpoint(tmp_path / "n" / "checkpoint.pt")

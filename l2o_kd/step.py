@@ -1,0 +1,80 @@
+"""The one training step, shared by :func:`l2o_kd.train.train` (deploy, compare) and by the episodes
+of meta-training (:mod:`l2o_kd.meta`), so a learned operator is meta-trained on exactly what it
+deploys on: the same batches (``BatchLoader``), normalization, KD loss, gradient and step context.
+
+    logits = student(x)                       (train-mode BatchNorm: running statistics move)
+    L      = kd_terms(logits, teacher, y; beta, T)   with the (beta, T) the operator chose, else fixed
+    g      = dL/dw
+    w', s' = operator.step(w, g, s, ctx)
+
+``differentiable=True`` (truncated backpropagation into a learned operator) builds ``g`` in logit
+space, ``g = J_s^T dL/ds``, differentiable in beta and T (first order in the weights, see
+:func:`l2o_kd.distill.kd_gradient`), and keeps the operator step in the graph; otherwise ``g`` is
+plain autograd of the loss and nothing is kept. Both give the same ``g`` (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .distill import kd_gradient, kd_terms
+from .models import apply
+from .operators import Operator, StepContext
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    params: Params  # the new weights (detached unless differentiable)
+    state: dict  # the operator's new state
+    info: dict[str, Any]  # the operator's scalars (lr, step scale ...)
+    grads: Params
+    ctx: StepContext
+    stats: torch.Tensor  # [total loss, CE, KD term, train accuracy] of this batch, detached
+    beta: Any
+    temperature: Any
+
+
+def gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, temperature, kd_form: str, amp: bool = False,
+             differentiable: bool = False, second_order: bool = False) -> tuple[Params, torch.Tensor]:
+    """The KD gradient of one batch and its stats ``[total, ce, kd, acc]`` (acc is NaN when
+    ``differentiable``: the logit-space path does not keep the logits)."""
+    if differentiable:
+        grads, ce, kd = kd_gradient(model, params, buffers, x, y, t_logits, beta, temperature, second_order, kd_form)
+        b = float(beta.detach()) if isinstance(beta, torch.Tensor) else float(beta)
+        stats = torch.tensor([(1 - b) * ce + b * kd, ce, kd, float("nan")])
+        return grads, stats
+    with torch.enable_grad():  # also inside no_grad (ES and PES episodes)
+        w = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = apply(model, w, buffers, x, train=True).float()
+        terms = kd_terms(logits, t_logits, y, beta, temperature, kd_form)
+        grads = dict(zip(w, torch.autograd.grad(terms.total, list(w.values()))))
+    stats = torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach()
+    return grads, stats
+
+
+def training_step(operator: Operator, model, params: Params, buffers: Params, state: dict, x, y, t_logits, *, step: int,
+                  total_steps: int, kd_form: str, fixed_kd: tuple[float, float], amp: bool = False, differentiable: bool = False,
+                  second_order: bool = False, reduce=None, batches=None) -> StepResult:
+    """One step of ``operator`` on the batch ``(x, y)`` with teacher logits ``t_logits`` (None: no KD).
+    ``fixed_kd`` is the (beta, T) of an operator that does not choose its own; ``reduce`` averages
+    the gradient and stats over torchrun ranks; ``batches`` is what a hypergradient operator reads."""
+    kd = operator.kd(state)
+    beta, temperature = (kd.beta, kd.temperature) if kd else fixed_kd
+    grads, stats = gradient(model, params, buffers, x, y, t_logits, beta, temperature, kd_form, amp, differentiable, second_order)
+    if reduce is not None:  # the gradient and loss of the global batch: means over equal shards
+        *averaged, stats = reduce([*grads.values(), stats])
+        grads = dict(zip(grads, averaged))
+    loss, ce, kd_value, _ = stats.tolist()
+    ctx = StepContext(step, total_steps, loss, ce, kd_value, batches)
+    with torch.set_grad_enabled(differentiable):
+        current = params if differentiable else {k: p.detach() for k, p in params.items()}
+        new_params, new_state, info = operator.step(current, grads, state, ctx)
+    if not differentiable:
+        new_params = {k: p.detach() for k, p in new_params.items()}
+    return StepResult(new_params, new_state, info, grads, ctx, stats, beta, temperature)
