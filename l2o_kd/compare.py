@@ -26,7 +26,7 @@ import json
 import math
 import statistics
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class OperatorSpec:
     label: str
     base: str
     tune_kd: str | None = None
+    variant: str | None = None  # an ablation of a learned operator (operators.learned.VARIANTS)
 
     @property
     def learned(self) -> bool:
@@ -69,11 +70,15 @@ class OperatorSpec:
     def parse(cls, spec: str) -> OperatorSpec:
         spec = spec.strip()
         if spec.startswith("ckpt:") or spec.endswith(".pt"):
-            path = spec.removeprefix("ckpt:")
-            from .operators.learned import load_operator
+            path, variant = spec.removeprefix("ckpt:"), None
+            from .operators.learned import VARIANTS, load_operator
 
+            if "@" in path and path.rpartition("@")[2] in VARIANTS:
+                path, _, variant = path.rpartition("@")
+            elif not path.endswith(".pt"):
+                raise UserError(f"{spec!r}: a learned operator is ckpt:PATH.pt or ckpt:PATH.pt@VARIANT, VARIANT one of {', '.join(VARIANTS)}")
             load_operator(path)  # a missing or wrong checkpoint fails here, before any run
-            return cls(label=Path(path).stem, base=path)
+            return cls(label=Path(path).stem + (f"@{variant}" if variant else ""), base=path, variant=variant)
         base, _, method = spec.partition("+")
         if base not in CLASSIC:
             raise UserError(f"unknown operator {spec!r}: use {', '.join(CLASSIC)}, BASE+{'|'.join(TUNE_KD_METHODS)} or ckpt:PATH")
@@ -106,6 +111,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     has_results = (out / RESULTS).exists() or (out / TUNING).exists()
     check_fingerprint(out, decisive_config(cfg, specs, steps), "compare folder", has_results)
     check_learned_operators(out, specs)
+    specs = [materialize_variant(s, out) for s in specs]
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     lrs = tune_learning_rates(cfg, specs, splits, steps)
 
@@ -167,6 +173,20 @@ def check_learned_operators(out: Path, specs: list[OperatorSpec]) -> None:
                             f"(digest {now[label]} but was {then[label]}); use another output folder")
     if now.keys() - then.keys():
         save_atomic_text(json.dumps({**then, **now}, indent=2, sort_keys=True) + "\n", path)
+
+
+def materialize_variant(spec: OperatorSpec, out: Path) -> OperatorSpec:
+    """An ablated learned operator as a checkpoint of its own in ``out/operators/`` (written once: its
+    source is guarded by :func:`check_learned_operators`), so its runs are ordinary learned-operator runs."""
+    if spec.variant is None:
+        return spec
+    from .operators.learned import ablated, load_operator
+
+    path = out / "operators" / f"{spec.label}.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ablated(load_operator(spec.base), spec.variant).save(path, ablation={"source": spec.base, "variant": spec.variant})
+    return replace(spec, base=str(path))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from l2o_kd import seeds
 from l2o_kd.compare import OperatorSpec, compare, lr_grid, parse_specs, read_results, summarize
 from l2o_kd.config import CompareConfig
 from l2o_kd.errors import UserError
-from l2o_kd.operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet
+from l2o_kd.operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from l2o_kd.runlog import read_metrics
 
 
@@ -229,3 +229,19 @@ def test_summary_ignores_unfinished_cells():
     ]
     s = summarize(rows)
     assert list(s["operators"]) == ["sgd"] and s["target"] == 0.5
+
+
+def test_the_schedule_only_ablation_runs_the_operator_without_its_per_coordinate_read_out(tmp_path, teacher_ckpt):
+    torch.manual_seed(0)
+    op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4)))
+    with torch.no_grad():
+        op.net.coord_out.weight.mul_(100)  # a read-out that matters
+    op.save(tmp_path / "op.pt")
+    compare(_cfg(tmp_path, teacher_ckpt, operators=f"ckpt:{tmp_path / 'op.pt'},ckpt:{tmp_path / 'op.pt'}@schedule-only", seeds=1, steps=6, evals=1))
+    finals = {r["operator"]: r for r in read_results(tmp_path / "cmp") if r["final"]}
+    assert set(finals) == {"op", "op@schedule-only"} and finals["op"]["val_loss"] != finals["op@schedule-only"]["val_loss"]
+    ablation = load_operator(tmp_path / "cmp" / "operators" / "op@schedule-only.pt")
+    for name, w in op.net.state_dict().items():  # only the per-coordinate read-out differs, and it is zero
+        assert torch.equal(ablation.net.state_dict()[name], torch.zeros_like(w) if name.startswith("coord_out.") else w), name
+    with pytest.raises(UserError, match="ckpt:PATH.pt@VARIANT"):
+        compare(_cfg(tmp_path, teacher_ckpt, operators=f"ckpt:{tmp_path / 'op.pt'}@nothing", out=str(tmp_path / "other")))

@@ -18,6 +18,7 @@ hyperparameters.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,6 +148,24 @@ class LSTMOperator(Operator):
 
     def save(self, path, **extra) -> None:
         save_checkpoint(path, "operator", self.config(), operator="lstm", weights=self.net.state_dict(), **extra)
+
+
+# Ablations of a learned operator (``compare --operators ckpt:PATH@VARIANT``): what each removes.
+VARIANTS = {
+    "schedule-only": "the per-coordinate read-out (coord_out) zeroed: every coordinate's update is the designed prior -m_hat(0.9) "
+                     "sized by the global head, which keeps its schedule (the LSTM still runs: its pooled state feeds the head)",
+}
+
+
+def ablated(operator: LSTMOperator, variant: str) -> LSTMOperator:
+    """A copy of ``operator`` with the part ``variant`` names (a key of :data:`VARIANTS`) removed."""
+    if variant not in VARIANTS:
+        raise UserError(f"unknown operator variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    net = copy.deepcopy(operator.net)
+    with torch.no_grad():
+        net.coord_out.weight.zero_()
+        net.coord_out.bias.zero_()
+    return LSTMOperator(net)
 
 
 def load_operator(path, device: str = "cpu") -> LSTMOperator:

@@ -1,0 +1,97 @@
+"""One training step: deploy and meta-training take the same step, and a population of particles is
+the same as its particles run one by one."""
+
+import itertools
+
+import pytest
+import torch
+
+from l2o_kd.checkpoint import load_checkpoint
+from l2o_kd.config import MetaConfig, TrainConfig
+from l2o_kd.data import load_splits
+from l2o_kd.estimators import PES, TruncationSchedule
+from l2o_kd.meta import Episode, OperatorTask, train_step
+from l2o_kd.models import apply, frozen
+from l2o_kd.operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet
+from l2o_kd.step import gradient
+from l2o_kd.teacher import load_model_checkpoint, teacher_logits
+from l2o_kd.train import train
+
+STEPS, SEED, BATCH = 12, 7, 32
+
+
+@pytest.fixture
+def setting(teacher_ckpt):
+    splits = load_splits("synthetic")
+    logits = teacher_logits(load_model_checkpoint(teacher_ckpt)[0], teacher_ckpt, splits)["train"]
+    torch.manual_seed(0)
+    op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=6, base_scale=3e-3)))
+    with torch.no_grad():  # a per-coordinate read-out that matters (at init it is almost zero)
+        op.net.coord_out.weight.mul_(30)
+    return splits, logits, op, MetaConfig(dataset="synthetic", batch_size=BATCH, students="tiny")
+
+
+def _deployed(tmp_path, teacher_ckpt, splits, op):
+    cfg = TrainConfig(dataset="synthetic", teacher=str(teacher_ckpt), steps=STEPS, batch_size=BATCH, seed=SEED, runs_dir=str(tmp_path),
+                      run_name="deploy", progress=False, tensorboard=False)
+    train(cfg, splits=splits, operator=op)
+    return load_checkpoint(tmp_path / "deploy" / "checkpoint.pt", kind="model")["params"]
+
+
+def test_meta_training_episodes_take_the_step_deploy_takes(tmp_path, teacher_ckpt, setting):
+    splits, logits, op, cfg = setting
+    deployed = _deployed(tmp_path, teacher_ckpt, splits, op)
+    start = Episode(splits, logits, op, "tiny", seed=SEED, length=STEPS, cfg=cfg).params
+    ep = Episode(splits, logits, op, "tiny", seed=SEED, length=STEPS, cfg=cfg)
+    with torch.no_grad():  # as ES and PES advance episodes
+        while not ep.done:
+            train_step(op, ep)
+    for k, w in deployed.items():  # the same code on the same batches: equal to the last bit
+        torch.testing.assert_close(ep.params[k], w, rtol=0, atol=0)
+    assert any(not torch.equal(start[k], w) for k, w in deployed.items())
+
+    tb = Episode(splits, logits, op, "tiny", seed=SEED, length=STEPS, cfg=cfg)
+    while not tb.done:  # truncated backpropagation's differentiable (logit-space) gradient: equal up to rounding
+        train_step(op, tb, differentiable=True)
+        tb.detach()
+    # Compared by what the students compute (train-mode BatchNorm): the biases in front of BatchNorm have a
+    # gradient that is rounding only, which a per-tensor normalized update turns into full-size steps.
+    x = ep.val_loader.batch_at(0, SEED).x
+    out = {name: apply(ep.model, w, frozen(ep.buffers), x, train=True) for name, w in (("deploy", ep.params), ("tbptt", tb.params), ("start", start))}
+    moved, gap = float((out["deploy"] - out["start"]).norm()), float((out["tbptt"] - out["deploy"]).norm())
+    assert gap < 1e-3 * moved, (gap, moved)
+
+
+def test_the_differentiable_gradient_equals_autograd_of_the_loss(setting):
+    splits, logits, op, cfg = setting
+    ep = Episode(splits, logits, op, "tiny", seed=SEED, length=STEPS, cfg=cfg)
+    b = ep.train_loader.batch_at(0, SEED)
+    beta, temperature = torch.tensor(0.3, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    for kd_form in ("hinton", "paper"):
+        plain, stats = gradient(ep.model, ep.params, dict(ep.buffers), b.x, b.y, logits[b.idx], 0.3, 3.0, kd_form)
+        diff, dstats = gradient(ep.model, ep.params, dict(ep.buffers), b.x, b.y, logits[b.idx], beta, temperature, kd_form, differentiable=True)
+        scale = max(float(g.abs().max()) for g in plain.values())  # (biases in front of BatchNorm: a rounding-only gradient)
+        for k in plain:
+            torch.testing.assert_close(diff[k], plain[k], rtol=1e-4, atol=1e-6 * scale)
+        torch.testing.assert_close(dstats[:3], stats[:3], rtol=1e-5, atol=0)
+        assert diff[next(iter(diff))].requires_grad  # a graph to beta and T
+
+
+def test_a_population_is_its_particles_run_one_by_one(setting):
+    splits, logits, op, cfg = setting
+    schedule = TruncationSchedule((20,), 4)
+    task = OperatorTask(splits, logits, MetaConfig(**{**cfg.__dict__, "students": "tiny,tiny_wide", "es_eval": 64}), op)
+    together = PES(task, schedule, itertools.count().__next__, 3, sigma=0.05, noise_seed=2)
+    grads_together = [together.estimate(op.net, 0.0)[0] for _ in range(2)]
+    alone = [PES(task, schedule, iter([key]).__next__, 1, sigma=0.05, noise_seed=2) for key in range(3)]
+    grads_alone = [[a.estimate(op.net, 0.0)[0] for _ in range(2)] for a in alone]
+    assert {p["plus"].student for p in together.pairs} == {"tiny", "tiny_wide"}  # each particle its own student
+    for pair, single in zip(together.pairs, alone):
+        for side in ("plus", "minus"):
+            for k, w in pair[side].params.items():
+                torch.testing.assert_close(single.pairs[0][side].params[k], w, rtol=0, atol=0)
+    for step in range(2):  # the population's estimate is the mean of its particles'
+        for i, g in enumerate(grads_together[step]):
+            torch.testing.assert_close(g, sum(ga[step][i] for ga in grads_alone) / 3, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads_together[0])
+    assert len(set(itertools.chain(*[[p["key"] for p in together.pairs]]))) == 3
