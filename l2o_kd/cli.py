@@ -208,7 +208,9 @@ def search(method, trials, retrain_seeds, out, **kw):
                    "or those 3 and their slopes in progress (fewer dimensions, less variance).")
 @click.option("--hidden", type=int, default=M.hidden, show_default=True)
 @click.option("--base-scale", type=float, default=M.base_scale, show_default=True)
-@click.option("--init", default=None, help="Start from this operator checkpoint (its config wins over --hidden/--base-scale).")
+@click.option("--normalize-update", is_flag=True, help="A fresh operator whose per-coordinate part decides only the shape of each "
+              "tensor's update (unit RMS); the global head decides its size.")
+@click.option("--init", default=None, help="Start from this operator checkpoint (its config wins over --hidden/--base-scale/--normalize-update).")
 @click.option("--validate-every", type=int, default=M.validate_every, show_default=True)
 @click.option("--val-horizon", type=int, default=M.val_horizon, show_default=True, help="Steps of each meta-validation episode.")
 @click.option("--val-seeds", default=M.val_seeds, show_default=True, help="Meta-validation seeds (shared among torchrun ranks).")

@@ -244,6 +244,7 @@ class MetaConfig:
     es_params: str = "all"  # es: a key of ES_PARAMS
     hidden: int = 20
     base_scale: float = 1e-3
+    normalize_update: bool = False  # a fresh operator's LSTMOperatorConfig.normalize_update (unit-RMS update shape per tensor)
     init: str | None = None  # start from this operator checkpoint instead of a fresh operator
     validate_every: int = 50
     val_horizon: int = 300

@@ -219,10 +219,10 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     elif main:  # a fresh run: its own fingerprint
         record_fingerprint(run_dir, decisive)
 
-    if cfg.init:  # continue from a saved operator (its own config wins over --hidden/--base-scale)
+    if cfg.init:  # continue from a saved operator (its own config wins over --hidden/--base-scale/--normalize-update)
         net = load_operator(cfg.init, cfg.device).net
     else:
-        net = LSTMOperatorNet(LSTMOperatorConfig(hidden=cfg.hidden, base_scale=cfg.base_scale)).to(cfg.device)
+        net = LSTMOperatorNet(LSTMOperatorConfig(hidden=cfg.hidden, base_scale=cfg.base_scale, normalize_update=cfg.normalize_update)).to(cfg.device)
     operator = LSTMOperator(net)
     meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
     meta_step, episode_idx, skipped, best, wall = 0, 0, 0, -1.0, 0.0

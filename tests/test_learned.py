@@ -107,6 +107,26 @@ def test_fresh_operator_takes_small_finite_steps_and_keeps_kd_in_range():
     assert math.isfinite(float(info["step_scale"]))
 
 
+def test_a_normalized_update_has_the_size_the_global_head_gives_whatever_the_coordinates_say():
+    model, _ = _problem(torch.float32)
+    params, _ = split_state(model)
+    for normalize in (True, False):
+        torch.manual_seed(0)
+        op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=6, normalize_update=normalize)))
+        with torch.no_grad():  # per-coordinate outputs far from the prior: large corrections, magnitudes down to e^-5
+            op.net.coord_out.weight.normal_(0, 3.0)
+            op.net.coord_out.bias.copy_(torch.tensor([0.5, -4.0]))
+        state = op.init(params)
+        grads = {k: torch.randn_like(v) for k, v in params.items()}
+        with torch.no_grad():
+            new, state, info = op.step(params, grads, state, StepContext(0, 100, 1.0, 1.0, 1.0))
+        rms = torch.stack([(new[k] - params[k]).pow(2).mean().sqrt() for k in params]) / float(info["lr"])
+        if normalize:  # every tensor's update: RMS exactly base_scale * scale_t
+            torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=0)
+        else:  # the coordinates shrink it (e^-4 here)
+            assert float(rms.max()) < 0.2
+
+
 def test_non_finite_gradients_do_not_crash_or_poison_the_parameters():
     model, _ = _problem(torch.float32)
     op = LSTMOperator()

@@ -45,6 +45,10 @@ class LSTMOperatorConfig:
     beta_init: float = 0.5
     temperature_init: float = 4.0
     head_hidden: int = 32
+    # True: each tensor's per-coordinate update exp(magnitude) * direction is rescaled to unit RMS, so the
+    # per-coordinate LSTM decides only the *shape* of the update and the global head alone its size
+    # (base_scale * scale_t): a short truncation can then not teach the coordinates "take smaller steps".
+    normalize_update: bool = False
 
     @property
     def n_inputs(self) -> int:
@@ -131,7 +135,10 @@ class LSTMOperator(Operator):
         globals_ = torch.tensor([ctx.progress, math.log(max(loss, 1e-8)), math.log1p(max(min(ratio, 1e4), 0.0))], device=g.device, dtype=g.dtype)
         o = self.net.head(torch.cat([pooled, globals_])) + self.net.schedule(globals_[:1])
         scale = torch.exp(o[2].clamp(-5, 5))
-        update = self.cfg.base_scale * scale * torch.exp(magnitude) * direction
+        shape = torch.exp(magnitude) * direction
+        if self.cfg.normalize_update:
+            shape = shape / torch.sqrt(_per_tensor_mean(shape[None] ** 2, seg, len(sizes))[0] + 1e-16)
+        update = self.cfg.base_scale * scale * shape
         new_params = {k: params[k] + u.view_as(params[k]) for k, u in zip(names, update.split(sizes))}
         new_state = {
             "momenta": momenta,
