@@ -145,6 +145,9 @@ def student_options(f):
                      help="extrapolate-periodic: greedy steps per cycle, fitted by a line."),
         click.option("--periodic-follow", type=int, default=T.periodic_follow, show_default=True,
                      help="extrapolate-periodic: steps per cycle following the line."),
+        click.option("--bn-updates", type=int, default=T.bn_updates, show_default=True,
+                     help="Extra train-mode forwards of each training batch that only move BatchNorm statistics (the side effect "
+                          "of the released greedy code's 3 extra forwards; for the confound experiment of docs/RESULTS.md)."),
     ]
     f = optimizer_options(lr=T.lr, schedule=T.schedule)(training_options(f))
     for option in reversed(options):

@@ -62,6 +62,7 @@ class TrainConfig:
     extrapolate_after: float = 0.5  # extrapolate: fraction of the run spent in the greedy phase
     periodic_greedy: int = 10  # extrapolate-periodic: greedy steps per cycle (the points of the fitted line)
     periodic_follow: int = 90  # extrapolate-periodic: steps per cycle that follow the fitted line
+    bn_updates: int = 0  # extra no-grad train-mode forwards of each training batch (they move only BatchNorm running statistics)
     epochs: float = 10.0
     steps: int | None = None  # wins over epochs
     batch_size: int = 128
@@ -99,6 +100,8 @@ class TrainConfig:
             unused |= self.HYPER
         if self.schedule != "step":
             unused |= {"lr_step_epochs", "lr_gamma"}
+        if not self.bn_updates:  # (runs saved before the field existed had none)
+            unused |= {"bn_updates"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
 
     @classmethod
@@ -130,6 +133,8 @@ class TrainConfig:
             raise UserError("--epochs (or --steps) must be positive")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.bn_updates < 0:
+            raise UserError(f"--bn-updates must be non-negative, got {self.bn_updates}")
         if self.learned and self.tune_kd:
             raise UserError(f"--tune-kd {self.tune_kd}: the learned operator {self.operator} chooses its own (beta, T)")
         if check_operator and self.operator not in CLASSIC and not self.learned:

@@ -60,10 +60,16 @@ def gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, tempe
 
 def training_step(operator: Operator, model, params: Params, buffers: Params, state: dict, x, y, t_logits, *, step: int,
                   total_steps: int, kd_form: str, fixed_kd: tuple[float, float], amp: bool = False, differentiable: bool = False,
-                  second_order: bool = False, reduce=None, batches=None) -> StepResult:
+                  second_order: bool = False, bn_updates: int = 0, reduce=None, batches=None) -> StepResult:
     """One step of ``operator`` on the batch ``(x, y)`` with teacher logits ``t_logits`` (None: no KD).
     ``fixed_kd`` is the (beta, T) of an operator that does not choose its own; ``reduce`` averages
-    the gradient and stats over torchrun ranks; ``batches`` is what a hypergradient operator reads."""
+    the gradient and stats over torchrun ranks; ``batches`` is what a hypergradient operator reads.
+    ``bn_updates`` extra no-grad train-mode forwards of the batch first move only the BatchNorm running
+    statistics (what the released code of Gorpinich et al. does as a side effect of its greedy
+    hypergradient: three forwards of the training batch per step)."""
+    with torch.no_grad():
+        for _ in range(bn_updates):
+            apply(model, params, buffers, x, train=True)
     kd = operator.kd(state)
     beta, temperature = (kd.beta, kd.temperature) if kd else fixed_kd
     grads, stats = gradient(model, params, buffers, x, y, t_logits, beta, temperature, kd_form, amp, differentiable, second_order)

@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
                 batches = Batches(model, buffers, batch.x, batch.y, t_logits, functools.partial(_xy, val_stream, step, cfg.seed + 7))
             out = training_step(operator, model, params, buffers, state, batch.x, batch.y, t_logits, step=step, total_steps=total_steps,
                                 kd_form=cfg.kd_form, fixed_kd=(cfg.beta, cfg.temperature), amp=cfg.amp,
-                                reduce=dist.average if dist else None, batches=batches)
+                                bn_updates=cfg.bn_updates, reduce=dist.average if dist else None, batches=batches)
             new_params, state, info, grads, ctx, beta, temperature = out.params, out.state, out.info, out.grads, out.ctx, out.beta, out.temperature
             acc = float(out.stats[3])
             if not math.isfinite(ctx.loss):

@@ -2,8 +2,10 @@
 `tiny` student, SGD lr 1.0 (no momentum) halved every 10 epochs, batch 128, no augmentation, 9:1
 train/val; hyper-SGD lr 0.25 with gradient clipping 0.01; beta init U(0,1) and log10 T init U(-1,1)
 for the random and hypergradient rows (drawn per seed, printed). Extra rows: ``tpe`` (``l2o-kd search``:
-5 trials on a tuning seed (l2o_kd/seeds.py) scored on validation, the best (β, T) retrained on every seed) and ``lstm`` (a
-learned operator in place of SGD, which then chooses its own steps and β_t, T_t).
+5 trials on a tuning seed (l2o_kd/seeds.py) scored on validation, the best (β, T) retrained on every seed), ``lstm`` (a
+learned operator in place of SGD, which then chooses its own steps and β_t, T_t) and ``nokd-bn3`` (no KD, with
+three extra train-mode forwards of each batch that move only the BatchNorm statistics: the side effect of the
+released code's greedy hypergradient, ``hyperparams.py`` ``virtual_step`` + ``compute_hessian``, alone).
 
 ``--protocol`` picks how KD and its tuning work. ``ours`` (the default): KD loss (1-β) CE + β T² KL,
 hypergradient clipped by norm, look-ahead at the current lr, and ``extrapolate`` greedy for the first
@@ -55,6 +57,7 @@ def method_config(method: str, seed: int, extrapolate_after: float, operator: st
     extrapolate = dict(tune_kd="extrapolate-periodic") if protocol == "paper" else dict(tune_kd="extrapolate", extrapolate_after=extrapolate_after)
     return {
         "nokd": dict(beta=0.0),
+        "nokd-bn3": dict(beta=0.0, bn_updates=3),  # the released greedy code's side effect alone (3 BatchNorm-only forwards a step)
         "naive": dict(beta=0.5, temperature=1.0),
         "random": dict(beta=beta0, temperature=t0),
         "greedy": dict(beta=beta0, temperature=t0, tune_kd="greedy"),

@@ -250,3 +250,16 @@ def test_train_subset_gets_its_own_teacher_logits(teacher_ckpt):
     full, part = teacher_logits(model, teacher_ckpt, splits), teacher_logits(model, teacher_ckpt, sub)
     assert len(part["train"]) == 300 and len(full["train"]) == len(splits.train_y)
     assert torch.allclose(part["train"], predict(model, sub.train_x, splits.dataset.mean, splits.dataset.std))
+
+
+def test_bn_updates_move_only_the_batchnorm_statistics(tmp_path):
+    runs = {}
+    for n in (0, 3):
+        train(TrainConfig(model="tiny", beta=0.0, steps=5, bn_updates=n, runs_dir=str(tmp_path), run_name=f"bn{n}", tensorboard=False, **FAST))
+        runs[n] = load_checkpoint(tmp_path / f"bn{n}" / "checkpoint.pt", kind="model")
+    for k, w in runs[0]["params"].items():  # train-mode forwards normalize with batch statistics: the weights do not change
+        assert torch.equal(runs[3]["params"][k], w), k
+    tracked = {n: [int(v) for k, v in ck["buffers"].items() if k.endswith("num_batches_tracked")] for n, ck in runs.items()}
+    assert set(tracked[0]) == {5} and set(tracked[3]) == {20}  # 1 + 3 forwards a step
+    assert any(not torch.equal(runs[3]["buffers"][k], v) for k, v in runs[0]["buffers"].items() if k.endswith("running_var"))
+    assert "bn_updates" not in TrainConfig().decisive() and TrainConfig(bn_updates=3).decisive()["bn_updates"] == 3
