@@ -123,7 +123,7 @@ def train_teacher(**kw):
 def student_options(f):
     """What a distillation run is: student, operator, teacher, KD and its hypergradient tuning."""
     options = [
-        click.option("--student", "model", default=T.model, show_default=True, help="tiny | tiny_wide | small | resnet8"),
+        click.option("--student", "model", default=T.model, show_default=True, help="tiny | tiny_wide | tiny_narrow | tiny_deep | small | resnet8"),
         click.option("--operator", default=T.operator, show_default=True, help="sgd | adam | adamw"),
         click.option("--optimizer", "optimizer_ckpt", default=None, help="A learned-operator checkpoint (replaces --operator)."),
         click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt]."),

@@ -70,7 +70,7 @@ class CifarResNet(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """conv-BN-ReLU-maxpool x3, then an MLP head (``tiny``, ``tiny_wide`` and ``small``)."""
+    """conv-BN-ReLU-maxpool per width, then an MLP head (``tiny`` and its variations, ``small``)."""
 
     def __init__(self, widths=(8, 16, 32), hidden: int | None = 64, padding: int = 0, num_classes: int = 10):
         super().__init__()
@@ -92,13 +92,15 @@ class ConvNet(nn.Module):
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "tiny": lambda: ConvNet((8, 16, 32), hidden=64),
     "tiny_wide": lambda: ConvNet((12, 24, 48), hidden=64),
+    "tiny_narrow": lambda: ConvNet((6, 12, 24), hidden=48),  # the meta-training family's variations of width
+    "tiny_deep": lambda: ConvNet((8, 16, 32, 32), hidden=64, padding=1),  # ... and of depth
     "small": lambda: ConvNet((32, 64, 128), hidden=None, padding=1),
     "resnet8": lambda: CifarResNet(8),
     "resnet20": lambda: CifarResNet(20),
     "resnet56": lambda: CifarResNet(56),
 }
 TEACHERS = ("resnet20", "resnet56")
-STUDENTS = ("tiny", "tiny_wide", "small", "resnet8")
+STUDENTS = ("tiny", "tiny_wide", "tiny_narrow", "tiny_deep", "small", "resnet8")
 
 
 def build_model(name: str, seed: int | None = None) -> nn.Module:

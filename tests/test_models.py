@@ -5,7 +5,7 @@ from l2o_kd.errors import UserError
 from l2o_kd.models import apply, build_model, count_params, split_state
 
 
-@pytest.mark.parametrize("name,expected", [("tiny", 15_050), ("tiny_wide", 26_538), ("small", 94_986), ("resnet8", 75_290),
+@pytest.mark.parametrize("name,expected", [("tiny", 15_050), ("tiny_wide", 26_538), ("tiny_narrow", 8_674), ("tiny_deep", 24_362), ("small", 94_986), ("resnet8", 75_290),
                                            ("resnet20", 269_722), ("resnet56", 853_018)])
 def test_parameter_counts(name, expected):
     model = build_model(name)
