@@ -46,7 +46,7 @@ def gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, tempe
     if differentiable:
         grads, ce, kd = kd_gradient(model, params, buffers, x, y, t_logits, beta, temperature, second_order, kd_form)
         b = float(beta.detach()) if isinstance(beta, torch.Tensor) else float(beta)
-        stats = torch.tensor([(1 - b) * ce + b * kd, ce, kd, float("nan")])
+        stats = torch.tensor([(1 - b) * ce + b * kd, ce, kd, float("nan")], device=x.device)
         return grads, stats
     with torch.enable_grad():  # also inside no_grad (ES and PES episodes)
         w = {k: p.detach().requires_grad_(True) for k, p in params.items()}

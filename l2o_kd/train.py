@@ -209,15 +209,14 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
             out = training_step(operator, model, params, buffers, state, batch.x, batch.y, t_logits, step=step, total_steps=total_steps,
                                 kd_form=cfg.kd_form, fixed_kd=(cfg.beta, cfg.temperature), amp=cfg.amp,
                                 bn_updates=cfg.bn_updates, reduce=dist.average if dist else None, batches=batches)
-            new_params, state, info, grads, ctx, beta, temperature = out.params, out.state, out.info, out.grads, out.ctx, out.beta, out.temperature
-            acc = float(out.stats[3])
+            state, ctx = out.state, out.ctx
             if not math.isfinite(ctx.loss):
                 bar.close()
                 raise Diverged(step, "training loss")
             if step % cfg.log_every == 0 or step % cfg.hist_every == 0:
-                _log_step(log, step, cfg, params, new_params, grads, ctx, beta, temperature, info)
-            params = new_params
-            sums.add(ctx, acc, float(beta), float(temperature), info)
+                _log_step(log, step, cfg, params, out.params, out.grads, ctx, out.beta, out.temperature, out.info)
+            params = out.params
+            sums.add(ctx, float(out.stats[3]), float(out.beta), float(out.temperature), out.info)
             step += 1
             bar.update(1)
             trajectory.add(step, params)
