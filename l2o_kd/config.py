@@ -268,7 +268,8 @@ class MetaConfig:
     NOT_DECISIVE: ClassVar[frozenset[str]] = frozenset({"runs_dir", "run_name", "out", "progress", "device", "data_root", "meta_steps", "minutes"})
 
     def decisive(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.NOT_DECISIVE}
+        unused = set(self.NOT_DECISIVE) | ({"normalize_update"} if not self.normalize_update else set())  # (older runs lack it)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
 
     def validate(self) -> None:
         from .device import check_device

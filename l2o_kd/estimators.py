@@ -186,7 +186,7 @@ class PES(GradientEstimator):
         total, diffs, means, rows = [torch.zeros_like(p) for p in net.parameters()], [], [], []
         for i, pair in enumerate(self.pairs):
             eps = self.noise(net, pair["key"], pair["truncation"])
-            pair["xi"] = [x + e for x, e in zip(pair["xi"], eps)]
+            pair["xi"] = [x.to(e) + e for x, e in zip(pair["xi"], eps)]  # (a resumed xi comes back on the CPU)
             k = self.schedule.steps(pair["plus"])
             losses = []
             for sign, particle in ((1.0, pair["plus"]), (-1.0, pair["minus"])):

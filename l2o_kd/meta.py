@@ -60,16 +60,15 @@ class Episode:
     """A student being trained by the operator: its tensors, the operator's state and its batches,
     drawn as deploy draws them (``BatchLoader`` epochs of the train split, shuffled by ``seed``)."""
 
-    def __init__(self, splits: Splits, logits: torch.Tensor, operator: LSTMOperator, student: str, seed: int, length: int, cfg: MetaConfig):
+    def __init__(self, splits: Splits, logits: torch.Tensor, operator: LSTMOperator, student: str, seed: int, length: int, cfg: MetaConfig,
+                 loaders: tuple[BatchLoader, BatchLoader] | None = None):
         self.model = build_model(student, seed=seed).to(cfg.device)
         self.params, self.buffers = split_state(self.model)
         self.state = operator.init(self.params)
         self.splits, self.logits, self.cfg = splits, logits, cfg
         self.step, self.length, self.student, self.seed = 0, length, student, seed
         self.diverged = False
-        kw = dict(mean=splits.dataset.mean, std=splits.dataset.std, shuffle=True, drop_last=True, device=cfg.device)
-        self.train_loader = BatchLoader(*splits.split("train"), cfg.batch_size, **kw)
-        self.val_loader = BatchLoader(*splits.split("val"), cfg.batch_size, **kw)
+        self.train_loader, self.val_loader = loaders or episode_loaders(splits, cfg)
 
     @property
     def done(self) -> bool:
@@ -81,8 +80,9 @@ class Episode:
                 "buffers": self.buffers, "state": self.state, "diverged": self.diverged}
 
     @classmethod
-    def restore(cls, snap: dict, splits: Splits, logits: torch.Tensor, operator: LSTMOperator, cfg: MetaConfig) -> Episode:
-        ep = cls(splits, logits, operator, snap["student"], snap["seed"], snap["length"], cfg)
+    def restore(cls, snap: dict, splits: Splits, logits: torch.Tensor, operator: LSTMOperator, cfg: MetaConfig,
+                loaders: tuple[BatchLoader, BatchLoader] | None = None) -> Episode:
+        ep = cls(splits, logits, operator, snap["student"], snap["seed"], snap["length"], cfg, loaders)
         dev = cfg.device
         ep.step, ep.diverged = snap["step"], snap.get("diverged", False)
         ep.params, ep.buffers, ep.state = ({k: v.to(dev) for k, v in snap[key].items()} for key in ("params", "buffers", "state"))
@@ -92,6 +92,13 @@ class Episode:
         """The truncation boundary: nothing computed so far stays in the graph."""
         self.params = {k: v.detach() for k, v in self.params.items()}
         self.state = {k: v.detach() for k, v in self.state.items()}
+
+
+def episode_loaders(splits: Splits, cfg: MetaConfig) -> tuple[BatchLoader, BatchLoader]:
+    """The train and val batch streams of episodes (deploy's: shuffled, full batches); the order is a
+    function of the episode's seed, so episodes can share them (and one copy of the data on a GPU)."""
+    kw = dict(mean=splits.dataset.mean, std=splits.dataset.std, shuffle=True, drop_last=True, device=cfg.device)
+    return BatchLoader(*splits.split("train"), cfg.batch_size, **kw), BatchLoader(*splits.split("val"), cfg.batch_size, **kw)
 
 
 def train_step(operator: LSTMOperator, ep: Episode, differentiable: bool = False) -> None:
@@ -105,8 +112,8 @@ def train_step(operator: LSTMOperator, ep: Episode, differentiable: bool = False
 
 
 def unroll(operator: LSTMOperator, ep: Episode, k: int) -> torch.Tensor:
-    """``k`` operator steps of an episode; returns the mean validation CE after each (a graph to phi):
-    the validation batch of step t is the one deploy's hypergradients use (``val_loader.batch_at``)."""
+    """``k`` operator steps of an episode; returns the mean validation CE after each (a graph to phi),
+    after step t on batch t + 1 of the episode's validation stream (``val_loader.batch_at``, seed + 7)."""
     losses = []
     for _ in range(min(k, ep.length - ep.step)):
         train_step(operator, ep, differentiable=True)
@@ -152,11 +159,12 @@ class OperatorTask:
         self.splits, self.logits, self.cfg = splits, logits, cfg
         self.students = cfg.students.split(",")
         self._init_operator = operator  # for init() only: the state's shapes and start values do not depend on phi
+        self.loaders = episode_loaders(splits, cfg)
 
     def new_particle(self, key: int, length: int) -> Episode:
         student = random.Random(self.cfg.seed * 7919 + key).choice(self.students)
         seed = seed_ranges.META_TRAIN.start + self.cfg.seed * 100_000 + key
-        return Episode(self.splits, self.logits, self._init_operator, student, seed=seed, length=length, cfg=self.cfg)
+        return Episode(self.splits, self.logits, self._init_operator, student, seed=seed, length=length, cfg=self.cfg, loaders=self.loaders)
 
     def unroll(self, net, ep: Episode, k: int) -> torch.Tensor:
         return unroll(LSTMOperator(net), ep, k)
@@ -177,7 +185,7 @@ class OperatorTask:
         return ep.snapshot()
 
     def restore(self, snap: dict) -> Episode:
-        return Episode.restore(snap, self.splits, self.logits, self._init_operator, self.cfg)
+        return Episode.restore(snap, self.splits, self.logits, self._init_operator, self.cfg, self.loaders)
 
     def describe(self, ep: Episode) -> dict[str, float]:
         return {"beta": float(ep.state["beta"]), "temperature": float(ep.state["temperature"]), "step_scale": float(ep.state["scale"]),
@@ -247,13 +255,13 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     estimator = make_estimator(cfg, task, next_key)
     estimator_path = run_dir / f"estimator-rank{dist.rank if dist else 0}.pt"
     if meta_step:
-        _resume_estimator(estimator, estimator_path, meta_step)
+        episode_idx = _resume_estimator(estimator, estimator_path, meta_step, episode_idx)
 
     def save_progress() -> None:
         """This rank's estimator (its particles in progress: every rank) and the operator and
         meta-optimizer (rank 0). The estimator is written first: a kill between the two writes leaves
         an estimator from a later meta-step, which resume then ignores (fresh particles)."""
-        save_atomic({"meta_step": meta_step, "estimator": estimator.state_dict()}, estimator_path)
+        save_atomic({"meta_step": meta_step, "estimator": estimator.state_dict(), "next_key": episode_idx}, estimator_path)
         if main:
             operator.save(state_path, meta_optimizer=meta_opt.state_dict(),
                           progress={"meta_step": meta_step, "episode": episode_idx, "skipped": skipped, "best_val_acc": best, "wall_s": wall})
@@ -310,14 +318,17 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     return {"meta_steps": meta_step, "best_val_acc": best, "skipped": skipped, "wall_s": wall, "best": str(best_path)}
 
 
-def _resume_estimator(estimator: GradientEstimator, path: Path, meta_step: int) -> None:
-    """The estimator's particles at the checkpoint; none (fresh particles) when its file is missing or
-    from another meta-step (killed between the two writes of a checkpoint)."""
+def _resume_estimator(estimator: GradientEstimator, path: Path, meta_step: int, next_key: int) -> int:
+    """The estimator's particles at the checkpoint and this rank's particle counter (ranks count their
+    own: a restarted particle on one rank moves only its counter); fresh particles and rank 0's counter
+    when the file is missing or from another meta-step (killed between the two writes of a checkpoint)."""
     if not path.exists():
-        return
+        return next_key
     saved = torch.load(path, weights_only=True, map_location="cpu")
-    if saved["meta_step"] == meta_step:
-        estimator.load_state_dict(saved["estimator"])
+    if saved["meta_step"] != meta_step:
+        return next_key
+    estimator.load_state_dict(saved["estimator"])
+    return saved.get("next_key", next_key)
 
 
 def _out_of_time(cfg: MetaConfig, t_start: float, dist: Dist | None) -> bool:

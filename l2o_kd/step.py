@@ -15,12 +15,14 @@ plain autograd of the loss and nothing is kept. Both give the same ``g`` (tested
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .distill import kd_gradient, kd_terms
+from .errors import Diverged
 from .models import apply
 from .operators import Operator, StepContext
 
@@ -60,13 +62,14 @@ def gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, tempe
 
 def training_step(operator: Operator, model, params: Params, buffers: Params, state: dict, x, y, t_logits, *, step: int,
                   total_steps: int, kd_form: str, fixed_kd: tuple[float, float], amp: bool = False, differentiable: bool = False,
-                  second_order: bool = False, bn_updates: int = 0, reduce=None, batches=None) -> StepResult:
+                  second_order: bool = False, bn_updates: int = 0, reduce=None, batches=None, raise_on_nan: bool = False) -> StepResult:
     """One step of ``operator`` on the batch ``(x, y)`` with teacher logits ``t_logits`` (None: no KD).
     ``fixed_kd`` is the (beta, T) of an operator that does not choose its own; ``reduce`` averages
     the gradient and stats over torchrun ranks; ``batches`` is what a hypergradient operator reads.
     ``bn_updates`` extra no-grad train-mode forwards of the batch first move only the BatchNorm running
     statistics (what the released code of Gorpinich et al. does as a side effect of its greedy
-    hypergradient: three forwards of the training batch per step)."""
+    hypergradient: three forwards of the training batch per step). ``raise_on_nan``: a non-finite
+    training loss raises :class:`l2o_kd.errors.Diverged` before the operator steps (deploy)."""
     with torch.no_grad():
         for _ in range(bn_updates):
             apply(model, params, buffers, x, train=True)
@@ -77,6 +80,8 @@ def training_step(operator: Operator, model, params: Params, buffers: Params, st
         *averaged, stats = reduce([*grads.values(), stats])
         grads = dict(zip(grads, averaged))
     loss, ce, kd_value, _ = stats.tolist()
+    if raise_on_nan and not math.isfinite(loss):
+        raise Diverged(step, "training loss")
     ctx = StepContext(step, total_steps, loss, ce, kd_value, batches)
     with torch.set_grad_enabled(differentiable):
         current = params if differentiable else {k: p.detach() for k, p in params.items()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -206,13 +205,14 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
             batches = None
             if operator.needs_batches:  # the model, this step's batch and the val batch of this step
                 batches = Batches(model, buffers, batch.x, batch.y, t_logits, functools.partial(_xy, val_stream, step, cfg.seed + 7))
-            out = training_step(operator, model, params, buffers, state, batch.x, batch.y, t_logits, step=step, total_steps=total_steps,
-                                kd_form=cfg.kd_form, fixed_kd=(cfg.beta, cfg.temperature), amp=cfg.amp,
-                                bn_updates=cfg.bn_updates, reduce=dist.average if dist else None, batches=batches)
-            state, ctx = out.state, out.ctx
-            if not math.isfinite(ctx.loss):
+            try:
+                out = training_step(operator, model, params, buffers, state, batch.x, batch.y, t_logits, step=step, total_steps=total_steps,
+                                    kd_form=cfg.kd_form, fixed_kd=(cfg.beta, cfg.temperature), amp=cfg.amp, bn_updates=cfg.bn_updates,
+                                    reduce=dist.average if dist else None, batches=batches, raise_on_nan=True)
+            except Diverged:
                 bar.close()
-                raise Diverged(step, "training loss")
+                raise
+            state, ctx = out.state, out.ctx
             if step % cfg.log_every == 0 or step % cfg.hist_every == 0:
                 _log_step(log, step, cfg, params, out.params, out.grads, ctx, out.beta, out.temperature, out.info)
             params = out.params
