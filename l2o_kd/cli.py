@@ -15,6 +15,7 @@ from .config import (
     KD_FORMS,
     LOOKAHEADS,
     META_METHODS,
+    PER_COORDINATE,
     SEARCH_METHODS,
     TUNE_KD_METHODS,
     CompareConfig,
@@ -207,13 +208,19 @@ def search(method, trials, retrain_seeds, out, **kw):
 @click.option("--es-objective", type=click.Choice(ES_OBJECTIVES), default=M.es_objective, show_default=True,
               help="es, pes: validation cross-entropy or error rate.")
 @click.option("--es-params", type=click.Choice(list(ES_PARAMS)), default=M.es_params, show_default=True,
-              help="es, pes: perturb all operator weights, only the output layers, their 5 biases, the global head's 3 biases, "
-                   "or those 3 and their slopes in progress (fewer dimensions, less variance).")
+              help="es, pes: perturb all operator weights, only the output layers, the per-coordinate MLP with the head's output layer "
+                   "and slopes (--per-coordinate mlp), the output biases, the global head's 3 biases, or those 3 and their slopes "
+                   "in progress (fewer dimensions, less variance).")
 @click.option("--hidden", type=int, default=M.hidden, show_default=True)
 @click.option("--base-scale", type=float, default=M.base_scale, show_default=True)
 @click.option("--normalize-update", is_flag=True, help="A fresh operator whose per-coordinate part decides only the shape of each "
               "tensor's update (unit RMS); the global head decides its size.")
-@click.option("--init", default=None, help="Start from this operator checkpoint (its config wins over --hidden/--base-scale/--normalize-update).")
+@click.option("--per-coordinate", type=click.Choice(list(PER_COORDINATE)), default=M.per_coordinate, show_default=True,
+              help="A fresh operator's per-coordinate part: " + "; ".join(f"{k}: {v}" for k, v in PER_COORDINATE.items()) + ".")
+@click.option("--rms-floor", type=float, default=M.rms_floor, show_default=True,
+              help="A fresh operator's floor on each tensor's RMS, relative to the RMS over all coordinates (0: none).")
+@click.option("--init", default=None, help="Start from this operator checkpoint (its config wins over --hidden, --base-scale, "
+              "--normalize-update, --per-coordinate, --rms-floor).")
 @click.option("--validate-every", type=int, default=M.validate_every, show_default=True)
 @click.option("--val-horizon", type=int, default=M.val_horizon, show_default=True, help="Steps of each meta-validation episode.")
 @click.option("--val-seeds", default=M.val_seeds, show_default=True, help="Meta-validation seeds (shared among torchrun ranks).")

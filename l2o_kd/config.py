@@ -217,9 +217,15 @@ class SearchConfig:
         return seeds
 
 
+PER_COORDINATE = {  # the learned operator's per-coordinate part (l2o_kd/operators/learned.py)
+    "lstm": "an LSTM cell per coordinate (Andrychowicz et al.)",
+    "mlp": "an LSTM per tensor, a small MLP per coordinate (VeLO's hierarchy)",
+}
+
 ES_PARAMS = {  # which operator weights --es-params perturbs (the rest stay at their initialization)
     "all": ("",),
     "readout": ("coord_out.", "head.2."),  # the output layers, reading a fixed random LSTM
+    "coord-mlp": ("coord_in.", "coord_out.", "head.2.", "schedule."),  # --per-coordinate mlp: the per-coordinate MLP, the head's read-out and slopes
     "bias": ("coord_out.bias", "head.2.bias"),  # the output biases: base beta, T, step scale, step magnitude, drift
     "head-bias": ("head.2.bias",),  # the global head's biases: base beta, T and step scale
     "schedule": ("head.2.bias", "schedule."),  # those biases and their slopes in progress t/T
@@ -250,6 +256,8 @@ class MetaConfig:
     hidden: int = 20
     base_scale: float = 1e-3
     normalize_update: bool = False  # a fresh operator's LSTMOperatorConfig.normalize_update (unit-RMS update shape per tensor)
+    per_coordinate: str = "lstm"  # a fresh operator's LSTMOperatorConfig.per_coordinate
+    rms_floor: float = 0.0  # a fresh operator's LSTMOperatorConfig.rms_floor
     init: str | None = None  # start from this operator checkpoint instead of a fresh operator
     validate_every: int = 50
     val_horizon: int = 300
@@ -268,7 +276,9 @@ class MetaConfig:
     NOT_DECISIVE: ClassVar[frozenset[str]] = frozenset({"runs_dir", "run_name", "out", "progress", "device", "data_root", "meta_steps", "minutes"})
 
     def decisive(self) -> dict[str, Any]:
-        unused = set(self.NOT_DECISIVE) | ({"normalize_update"} if not self.normalize_update else set())  # (older runs lack it)
+        # operator fields added later are left out at their defaults, so that older runs resume
+        later = {"normalize_update": False, "per_coordinate": "lstm", "rms_floor": 0.0}
+        unused = set(self.NOT_DECISIVE) | {k for k, v in later.items() if getattr(self, k) == v}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
 
     def validate(self) -> None:
@@ -285,6 +295,9 @@ class MetaConfig:
             raise UserError("--sigma, --pairs and --es-eval must be positive")
         check_choice("--es-objective", self.es_objective, ES_OBJECTIVES)
         check_choice("--es-params", self.es_params, ES_PARAMS)
+        check_choice("--per-coordinate", self.per_coordinate, PER_COORDINATE)
+        if not self.rms_floor >= 0:
+            raise UserError(f"--rms-floor must be >= 0, got {self.rms_floor}")
         for s in self.students.split(","):
             build_model(s)
         seed_ranges.check(self.val_seed_list, "meta-validation", "--val-seeds")

@@ -227,10 +227,13 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     elif main:  # a fresh run: its own fingerprint
         record_fingerprint(run_dir, decisive)
 
-    if cfg.init:  # continue from a saved operator (its own config wins over --hidden/--base-scale/--normalize-update)
+    if cfg.init:  # continue from a saved operator (its own config wins over --hidden, --base-scale, --normalize-update, ...)
         net = load_operator(cfg.init, cfg.device).net
     else:
-        net = LSTMOperatorNet(LSTMOperatorConfig(hidden=cfg.hidden, base_scale=cfg.base_scale, normalize_update=cfg.normalize_update)).to(cfg.device)
+        net = LSTMOperatorNet(LSTMOperatorConfig(hidden=cfg.hidden, base_scale=cfg.base_scale, normalize_update=cfg.normalize_update,
+                                                 per_coordinate=cfg.per_coordinate, rms_floor=cfg.rms_floor)).to(cfg.device)
+    if cfg.method != "tbptt" and not any(name.startswith(ES_PARAMS[cfg.es_params]) for name, _ in net.named_parameters()):
+        raise UserError(f"--es-params {cfg.es_params} selects none of this operator's weights (per-coordinate part: {net.cfg.per_coordinate})")
     operator = LSTMOperator(net)
     meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
     meta_step, episode_idx, skipped, best, wall = 0, 0, 0, -1.0, 0.0

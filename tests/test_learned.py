@@ -38,9 +38,9 @@ def _meta_loss(op, model, data, k=3, second_order=True):
     return torch.stack(losses).mean()
 
 
-def _operator(dtype=torch.float64, seed=0):
+def _operator(dtype=torch.float64, seed=0, per_coordinate="lstm", **kw):
     torch.manual_seed(seed)
-    net = LSTMOperatorNet(LSTMOperatorConfig(hidden=4, base_scale=0.05)).to(dtype)
+    net = LSTMOperatorNet(LSTMOperatorConfig(hidden=4, base_scale=0.05, per_coordinate=per_coordinate, **kw)).to(dtype)
     with torch.no_grad():  # larger head/coordinate weights than at init, so every path matters
         net.coord_out.weight.normal_(0, 0.3)
         net.head[-1].weight.normal_(0, 0.3)
@@ -48,17 +48,28 @@ def _operator(dtype=torch.float64, seed=0):
     return LSTMOperator(net)
 
 
+CHECKED = {  # (weight, index) pairs whose meta-gradient is checked, for each per-coordinate part
+    "lstm": [("head.2.bias", 0), ("head.2.bias", 1), ("head.2.bias", 2), ("coord_out.weight", 3), ("lstm.weight_ih_l0", 5),
+             ("lstm.weight_hh_l1", 7), ("head.0.weight", 11)],
+    "mlp": [("head.2.bias", 2), ("coord_out.weight", 3), ("coord_out.bias", 1), ("coord_in.weight", 2), ("coord_in.weight", 40),
+            ("coord_in.bias", 5), ("lstm.weight_ih_l0", 5), ("lstm.weight_ih_l0", 8), ("lstm.weight_hh_l1", 7)],
+}
+
+
+@pytest.mark.parametrize("per_coordinate", ["lstm", "mlp"])
 @pytest.mark.parametrize("k,second_order", [(3, True), (1, False)], ids=["second_order_k3", "first_order_k1"])
-def test_meta_gradient_matches_finite_differences(k, second_order):
+def test_meta_gradient_matches_finite_differences(k, second_order, per_coordinate):
     """Exact meta-gradients (second order, K=3) and the first-order one where it is exact (K=1:
     the gradient at the fixed initial weights depends on phi only through beta and T)."""
     model, data = _problem()
-    op = _operator()
+    op = _operator(per_coordinate=per_coordinate, normalize_update=per_coordinate == "mlp")
+    if per_coordinate == "mlp":
+        with torch.no_grad():
+            op.net.coord_in.weight.normal_(0, 1.0)
     named = dict(op.net.named_parameters())
     loss = _meta_loss(op, model, data, k, second_order)
     grads = dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
-    checked = [("head.2.bias", 0), ("head.2.bias", 1), ("head.2.bias", 2), ("coord_out.weight", 3), ("lstm.weight_ih_l0", 5),
-               ("lstm.weight_hh_l1", 7), ("head.0.weight", 11)]
+    checked = CHECKED[per_coordinate]
     eps = 1e-6
     for name, i in checked:
         p = named[name].data.view(-1)
@@ -74,6 +85,60 @@ def test_meta_gradient_matches_finite_differences(k, second_order):
         fd = (up - down) / (2 * eps)
         ad = grads[name].view(-1)[i].item()
         assert abs(ad - fd) <= 1e-3 * max(abs(fd), 1e-6) + 1e-9, (name, i, ad, fd)
+
+
+def test_the_hierarchical_corrections_equal_a_tensor_by_tensor_reference():
+    """The "mlp" part computes each tensor's pooled inputs, runs the LSTM over tensors, and applies one
+    MLP to [coordinate inputs, its tensor's LSTM output] per coordinate; the fused version (one matmul
+    per tensor with the tensor's context as bias column) must equal the plain one."""
+    model, _ = _problem(torch.float64)
+    op = _operator(per_coordinate="mlp")
+    params, _ = split_state(model)
+    sizes = [p.numel() for p in params.values()]
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(op.cfg.n_inputs, sum(sizes), generator=gen, dtype=torch.float64)
+    ms_momenta = torch.rand(len(op.cfg.timescales), len(sizes), generator=gen, dtype=torch.float64)
+    ms_grad = torch.rand(len(sizes), generator=gen, dtype=torch.float64) + 0.5
+    state = op.init(params)
+    with torch.no_grad():
+        coord, pooled, h, c = op.net.corrections(features, ms_momenta, ms_grad, sizes, state["h"], state["c"])
+        rows, tops = [], []
+        hidden = (state["h"], state["c"])
+        pooled_in = torch.stack([torch.cat([f.mean(1), 0.5 * torch.log(ms_momenta[:, t] / ms_grad[t])])
+                                 for t, f in enumerate(features.split(sizes, 1))])
+        out, (h_ref, c_ref) = op.net.lstm(pooled_in[None], hidden)
+        for t, f in enumerate(features.split(sizes, 1)):
+            x = torch.cat([f.T, out[0, t].expand(f.shape[1], -1)], 1)  # coordinates x (inputs + LSTM output)
+            rows.append(op.net.coord_out(torch.relu(op.net.coord_in(x))))
+            tops.append(out[0, t])
+    torch.testing.assert_close(coord, torch.cat(rows).T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pooled, torch.stack(tops).mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((h, c), (h_ref, c_ref), rtol=1e-12, atol=1e-12)
+    assert h.shape == (op.cfg.layers, len(sizes), op.cfg.hidden)  # one state per tensor, none per coordinate
+
+
+def test_the_rms_floor_silences_a_tensor_whose_gradient_is_rounding_only():
+    """A tensor with gradients 1e-6 of the others' (a bias in front of BatchNorm sees rounding only):
+    per-tensor normalization alone gives it a full-size step; with the floor (1e-3 of the RMS over all
+    coordinates) its step is ~1e-3 of the others'. The read-out is zeroed: the prior -m_hat alone."""
+    model, _ = _problem(torch.float64)
+    params, _ = split_state(model)
+    first = next(iter(params))
+    gen = torch.Generator().manual_seed(2)
+    grads = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) * (1e-6 if k == first else 1.0) for k, v in params.items()}
+    for floor in (0.0, 1e-3):
+        op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4, rms_floor=floor)).to(torch.float64))
+        with torch.no_grad():
+            op.net.coord_out.weight.zero_()
+        state = op.init(params)
+        with torch.no_grad():
+            new, _, _ = op.step(params, grads, state, StepContext(0, 100, 1.0, 1.0, 1.0))
+        rms = {k: float((new[k] - params[k]).pow(2).mean().sqrt()) for k in params}
+        others = min(v for k, v in rms.items() if k != first)
+        if floor:
+            assert rms[first] < 1e-2 * others
+        else:
+            assert rms[first] > 0.5 * others
 
 
 def test_beta_and_temperature_head_gets_a_nonzero_meta_gradient():

@@ -175,10 +175,11 @@ def test_es_meta_train_survives_diverging_episodes_and_validations(tmp_path, tea
     assert all(torch.isfinite(w).all() for w in load_checkpoint(tmp_path / "m" / "meta_checkpoint.pt", kind="operator")["weights"].values())
 
 
-@pytest.mark.parametrize("es_params,moving", [("bias", ("coord_out.bias", "head.2.bias")), ("head-bias", ("head.2.bias",)),
-                                               ("schedule", ("head.2.bias", "schedule.weight"))])
-def test_es_on_the_biases_continues_a_saved_operator_and_moves_only_its_biases(tmp_path, teacher_ckpt, es_params, moving):
-    start = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4)))
+@pytest.mark.parametrize("es_params,moving,per_coordinate", [("bias", ("coord_out.bias", "head.2.bias"), "lstm"), ("head-bias", ("head.2.bias",), "lstm"),
+                                                              ("schedule", ("head.2.bias", "schedule.weight"), "lstm"),
+                                                              ("coord-mlp", ("coord_in.", "coord_out.", "head.2.", "schedule."), "mlp")])
+def test_es_on_some_weights_continues_a_saved_operator_and_moves_only_those(tmp_path, teacher_ckpt, es_params, moving, per_coordinate):
+    start = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4, per_coordinate=per_coordinate)))
     start.save(tmp_path / "start.pt")
     cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny", method="es", es_params=es_params, init=str(tmp_path / "start.pt"),
                      curriculum="15", meta_steps=2, validate_every=2, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64,
@@ -189,3 +190,9 @@ def test_es_on_the_biases_continues_a_saved_operator_and_moves_only_its_biases(t
     for name, w in start.net.state_dict().items():
         moved = not torch.equal(ck["weights"][name], w)
         assert moved == name.startswith(moving), name
+
+
+def test_es_params_that_select_none_of_the_operators_weights_are_refused(tmp_path, teacher_ckpt):
+    cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), method="pes", es_params="coord-mlp", runs_dir=str(tmp_path), progress=False)
+    with pytest.raises(UserError, match="selects none of this operator's weights"):
+        meta_train(cfg)  # a fresh operator with a per-coordinate LSTM has no per-coordinate MLP

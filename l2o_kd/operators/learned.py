@@ -1,13 +1,23 @@
-"""The learned operator: a coordinate-wise LSTM (Andrychowicz et al. 2016) that outputs the parameter
+"""The learned operator: an LSTM optimizer (Andrychowicz et al. 2016) that outputs the parameter
 updates and, from a global head, the KD hyperparameters (beta_t, T_t) and a global step scale.
 
-Per coordinate (all coordinates of all tensors form one batch for one fused ``nn.LSTM`` call):
+Per coordinate:
 
 * inputs: the gradient preprocessed as log-magnitude and sign (p = 10), running averages of the
   gradient at several timescales, each normalized by its RMS over the tensor, and progress t / T;
 * output: ``step = base_scale * scale_t * exp(magnitude) * direction`` with
-  ``direction = -m_hat(0.9) + d_lstm``: the skip term makes a fresh operator a per-tensor normalized
-  momentum method, stable at initialization; the LSTM learns corrections to it.
+  ``direction = -m_hat(0.9) + d``: the skip term makes a fresh operator a per-tensor normalized
+  momentum method, stable at initialization; the learned part gives the corrections (d, magnitude).
+
+Where the corrections come from (``per_coordinate``):
+
+* ``"lstm"``: every coordinate runs the LSTM on its inputs (all coordinates of all tensors form one
+  batch of one fused ``nn.LSTM`` call; a hidden and cell state per coordinate), read out linearly;
+* ``"mlp"``: the LSTM runs once per *tensor* on the tensor's pooled inputs (their means and the RMS of
+  each running average relative to the gradient's: how consistent the gradient is), and a small MLP
+  per coordinate reads the coordinate's inputs together with its tensor's LSTM output (the
+  hierarchical design of VeLO, Metz et al. 2022). Per coordinate only the running averages are kept,
+  and a step costs a few multiply-adds per coordinate instead of an LSTM cell.
 
 Global head (pooled top LSTM state + progress, log train loss, KD/CE ratio) gives
 ``beta_t in (0, 1)``, ``T_t in (1, 20)`` and the step scale; a linear term in progress (``schedule``,
@@ -27,6 +37,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import PER_COORDINATE
 from ..errors import UserError
 from .base import KDChoice, Operator, Params, State, StepContext
 
@@ -49,10 +60,22 @@ class LSTMOperatorConfig:
     # per-coordinate LSTM decides only the *shape* of the update and the global head alone its size
     # (base_scale * scale_t): a short truncation can then not teach the coordinates "take smaller steps".
     normalize_update: bool = False
+    per_coordinate: str = "lstm"  # a key of config.PER_COORDINATE (module docstring)
+    coord_hidden: int = 8  # "mlp": width of the per-coordinate MLP
+    # The RMS over a tensor that normalizes its running averages (and the gradient's, for "mlp") is floored
+    # at rms_floor times the RMS over all coordinates: for a tensor whose gradient is rounding only (a bias
+    # in front of BatchNorm) the inputs are then ~0 instead of unit-size rounding noise, and without
+    # normalize_update its step is negligible instead of full-size in a rounding-determined direction. 0: no floor.
+    rms_floor: float = 0.0
 
     @property
     def n_inputs(self) -> int:
         return 2 + len(self.timescales) + 1  # log|g|, sign g, normalized momenta, progress
+
+    @property
+    def n_tensor_inputs(self) -> int:
+        return self.n_inputs + len(self.timescales)  # their means over the tensor, log RMS(momentum) / RMS(g)
+
 
 
 class LSTMOperatorNet(nn.Module):
@@ -60,9 +83,16 @@ class LSTMOperatorNet(nn.Module):
 
     def __init__(self, cfg: LSTMOperatorConfig):
         super().__init__()
+        if cfg.per_coordinate not in PER_COORDINATE:
+            raise UserError(f"unknown per-coordinate part {cfg.per_coordinate!r}: use one of {', '.join(PER_COORDINATE)}")
         self.cfg = cfg
-        self.lstm = nn.LSTM(cfg.n_inputs, cfg.hidden, num_layers=cfg.layers)
-        self.coord_out = nn.Linear(cfg.hidden, 2)  # direction correction, log-magnitude
+        if cfg.per_coordinate == "lstm":
+            self.lstm = nn.LSTM(cfg.n_inputs, cfg.hidden, num_layers=cfg.layers)
+            self.coord_out = nn.Linear(cfg.hidden, 2)  # direction correction, log-magnitude
+        else:
+            self.lstm = nn.LSTM(cfg.n_tensor_inputs, cfg.hidden, num_layers=cfg.layers)
+            self.coord_in = nn.Linear(cfg.n_inputs + cfg.hidden, cfg.coord_hidden)
+            self.coord_out = nn.Linear(cfg.coord_hidden, 2)
         self.head = nn.Sequential(nn.Linear(cfg.hidden + 3, cfg.head_hidden), nn.Tanh(), nn.Linear(cfg.head_hidden, 3))
         self.schedule = nn.Linear(1, 3, bias=False)  # slopes in progress of the head's 3 outputs
         with torch.no_grad():  # small outputs at init: the operator starts as normalized momentum
@@ -77,6 +107,28 @@ class LSTMOperatorNet(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Weights saved before the ``schedule`` term existed keep its zero initialization (no slope)."""
         return super().load_state_dict({"schedule.weight": self.schedule.weight.detach().clone(), **state_dict}, strict, assign)
+
+    def units(self, sizes: list[int]) -> int:
+        """How many rows the LSTM's state has: one per coordinate, or one per tensor."""
+        return sum(sizes) if self.cfg.per_coordinate == "lstm" else len(sizes)
+
+    def corrections(self, features: torch.Tensor, ms_momenta: torch.Tensor, ms_grad: torch.Tensor | None, sizes: list[int], h, c):
+        """The learned part: per coordinate (direction correction, log-magnitude) (2 x N), the LSTM
+        output pooled for the global head, and the LSTM's new state. ``features`` is n_inputs x N;
+        ``ms_momenta`` (K x tensors) and ``ms_grad`` (tensors) are mean squares over each tensor."""
+        if self.cfg.per_coordinate == "lstm":
+            out, (h, c) = self.lstm(features.T[None], (h, c))
+            return self.coord_out(out[0]).T, out[0].mean(0), h, c
+        consistency = (0.5 * torch.log((ms_momenta + 1e-30) / (ms_grad + 1e-30))).clamp(-5, 5)
+        pooled_in = torch.cat([_tensor_means(features, sizes), consistency]).T  # tensors x n_tensor_inputs
+        out, (h, c) = self.lstm(pooled_in[None], (h, c))
+        top = out[0]  # tensors x hidden
+        n_in = features.shape[0]
+        w_in, w_out = self.coord_in.weight, self.coord_out.weight
+        context = (top @ w_in[:, n_in:].T + self.coord_in.bias).T  # coord_hidden x tensors: each tensor's share of the hidden layer
+        coord = [torch.addmm(self.coord_out.bias[:, None], w_out, torch.relu(torch.addmm(context[:, t:t + 1], w_in[:, :n_in], f)))
+                 for t, f in enumerate(features.split(sizes, 1))]  # per tensor: its context is the bias column
+        return torch.cat(coord, 1), top.mean(0), h, c
 
 
 @dataclass
@@ -96,10 +148,11 @@ class LSTMOperator(Operator):
         n = sum(p.numel() for p in params.values())
         c = self.cfg
         z = lambda *s: torch.zeros(*s, device=ref.device, dtype=ref.dtype)
+        units = self.net.units([p.numel() for p in params.values()])
         return {
             "momenta": z(len(c.timescales), n),
-            "h": z(c.layers, n, c.hidden),
-            "c": z(c.layers, n, c.hidden),
+            "h": z(c.layers, units, c.hidden),
+            "c": z(c.layers, units, c.hidden),
             "beta": torch.sigmoid(self.net.beta_bias).to(ref),
             "temperature": (T_MIN + (T_MAX - T_MIN) * torch.sigmoid(self.net.temperature_bias)).to(ref),
             "scale": torch.ones((), device=ref.device, dtype=ref.dtype),
@@ -111,25 +164,23 @@ class LSTMOperator(Operator):
     def step(self, params: Params, grads: Params, state: State, ctx: StepContext):
         names = list(params)
         sizes = [params[k].numel() for k in names]
-        seg = _segments(sizes, params[names[0]].device)
         g = torch.cat([grads[k].reshape(-1) for k in names])
         g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         decay = torch.tensor(self.cfg.timescales, device=g.device, dtype=g.dtype)[:, None]
         momenta = decay * state["momenta"] + (1 - decay) * g
-        m_hat = momenta / torch.sqrt(_per_tensor_mean(momenta**2, seg, len(sizes)) + 1e-16)
+        ms_momenta = self._floored(_tensor_means(momenta**2, sizes), momenta)  # K x tensors
+        m_hat = momenta / _broadcast(torch.sqrt(ms_momenta + 1e-16), sizes)
         features = torch.cat([
             (torch.log(g.abs() + 1e-30) / P).clamp(-1, 1)[None],
             (g * math.exp(P)).clamp(-1, 1)[None],
             m_hat,
             torch.full_like(g, ctx.progress)[None],
-        ]).T  # N x n_inputs
-        out, (h, c) = self.net.lstm(features[None], (state["h"], state["c"]))
-        top = out[0]  # N x hidden
-        coord = self.net.coord_out(top)
-        direction = -m_hat[self.cfg.timescales.index(0.9) if 0.9 in self.cfg.timescales else 0] + coord[:, 0]
-        magnitude = coord[:, 1].clamp(-5, 3)
+        ])  # n_inputs x N
+        ms_grad = self._floored(_tensor_means(g[None] ** 2, sizes), g[None])[0] if self.cfg.per_coordinate == "mlp" else None
+        coord, pooled, h, c = self.net.corrections(features, ms_momenta, ms_grad, sizes, state["h"], state["c"])
+        direction = -m_hat[self.cfg.timescales.index(0.9) if 0.9 in self.cfg.timescales else 0] + coord[0]
+        magnitude = coord[1].clamp(-5, 3)
 
-        pooled = top.mean(0)
         loss = float(ctx.loss) if math.isfinite(float(ctx.loss)) else 0.0
         ratio = float(ctx.kd_loss) / (abs(float(ctx.ce_loss)) + 1e-8) if math.isfinite(float(ctx.kd_loss)) else 0.0
         globals_ = torch.tensor([ctx.progress, math.log(max(loss, 1e-8)), math.log1p(max(min(ratio, 1e4), 0.0))], device=g.device, dtype=g.dtype)
@@ -137,7 +188,7 @@ class LSTMOperator(Operator):
         scale = torch.exp(o[2].clamp(-5, 5))
         shape = torch.exp(magnitude) * direction
         if self.cfg.normalize_update:
-            shape = shape / torch.sqrt(_per_tensor_mean(shape[None] ** 2, seg, len(sizes))[0] + 1e-16)
+            shape = shape / _broadcast(torch.sqrt(_tensor_means(shape[None] ** 2, sizes) + 1e-16), sizes)[0]
         update = self.cfg.base_scale * scale * shape
         new_params = {k: params[k] + u.view_as(params[k]) for k, u in zip(names, update.split(sizes))}
         new_state = {
@@ -149,6 +200,11 @@ class LSTMOperator(Operator):
             "scale": scale,
         }
         return new_params, new_state, {"step_scale": scale.detach(), "lr": (self.cfg.base_scale * scale).detach()}
+
+    def _floored(self, ms: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Mean squares over each tensor (K x tensors) of the rows of ``x`` (K x N), floored at
+        ``rms_floor``^2 times their mean square over all coordinates."""
+        return torch.maximum(ms, self.cfg.rms_floor**2 * (x**2).mean(1, keepdim=True)) if self.cfg.rms_floor else ms
 
     def config(self) -> dict:
         return {"name": self.name, **asdict(self.cfg)}
@@ -187,21 +243,21 @@ def load_operator(path, device: str = "cpu") -> LSTMOperator:
     return LSTMOperator(net.to(device))
 
 
-_SEG_CACHE: dict = {}
+_LENGTHS: dict = {}
 
 
-def _segments(sizes: list[int], device) -> torch.Tensor:
-    key = (tuple(sizes), str(device))
-    if key not in _SEG_CACHE:
-        _SEG_CACHE[key] = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-    return _SEG_CACHE[key]
+def _tensor_means(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """For rows of ``x`` (K x N, the coordinates of the tensors of ``sizes`` one after another), the
+    mean over each tensor's coordinates (K x tensors)."""
+    return torch.stack([part.mean(1) for part in x.split(sizes, 1)], 1)
 
 
-def _per_tensor_mean(x: torch.Tensor, seg: torch.Tensor, n_tensors: int) -> torch.Tensor:
-    """For rows of ``x`` (K x N), the mean over the coordinates of each tensor, broadcast back to N."""
-    sums = torch.zeros(x.shape[0], n_tensors, device=x.device, dtype=x.dtype).index_add(1, seg, x)
-    counts = torch.zeros(n_tensors, device=x.device, dtype=x.dtype).index_add(0, seg, torch.ones_like(x[0]))
-    return (sums / counts)[:, seg]
+def _broadcast(v: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Per-tensor values (K x tensors) repeated over each tensor's coordinates (K x N)."""
+    key = (tuple(sizes), str(v.device))
+    if key not in _LENGTHS:
+        _LENGTHS[key] = torch.tensor(sizes, device=v.device)
+    return v.repeat_interleave(_LENGTHS[key], dim=1, output_size=sum(sizes))
 
 
 def _logit(p: float) -> float:
