@@ -12,6 +12,7 @@ from .config import (
     CLIP_MODES,
     ES_OBJECTIVES,
     ES_PARAMS,
+    HYPER_JVPS,
     KD_FORMS,
     LOOKAHEADS,
     META_METHODS,
@@ -76,7 +77,7 @@ def optimizer_options(lr: float, schedule: str):
 # Flags a learned operator decides for itself (its steps, (beta, T), the KD convention it was
 # meta-trained with): given with one, they would be silently ignored.
 LEARNED_DECIDES = ("lr", "momentum", "nesterov", "weight_decay", "schedule", "lr_step_epochs", "lr_gamma", "beta", "temperature", "kd_form",
-                   "tune_kd", "hyper_lr", "hyper_clip", "hyper_clip_mode", "hyper_lookahead", "hyper_every", "hyper_unroll", "extrapolate_after",
+                   "tune_kd", "hyper_lr", "hyper_clip", "hyper_clip_mode", "hyper_lookahead", "hyper_jvp", "hyper_every", "hyper_unroll", "extrapolate_after",
                    "periodic_greedy", "periodic_follow")
 
 
@@ -139,6 +140,8 @@ def student_options(f):
                      help="norm: scale the hypergradient to norm <= clip; value: clamp each component to [-clip, clip]."),
         click.option("--hyper-lookahead", type=click.Choice(LOOKAHEADS), default=T.hyper_lookahead, show_default=True,
                      help="Greedy look-ahead step at the current lr, or at the base lr with the hypergradient scaled by current/base lr (the paper's code)."),
+        click.option("--hyper-jvp", type=click.Choice(HYPER_JVPS), default=T.hyper_jvp, show_default=True,
+                     help="Greedy: the Jacobian-vector product J a exactly (forward mode), or as a forward difference reusing the training forward (cheaper)."),
         click.option("--hyper-every", type=int, default=T.hyper_every, show_default=True, help="Steps between hyper-steps."),
         click.option("--hyper-unroll", type=int, default=T.hyper_unroll, show_default=True, help="unrolled: steps differentiated through."),
         click.option("--extrapolate-after", type=float, default=T.extrapolate_after, show_default=True, help="extrapolate: fraction of the run in the greedy phase."),
@@ -265,6 +268,8 @@ def meta_train_cmd(threads, resume, no_progress, **kw):
               help="KD-tuning operators: clip the hypergradient's norm, or each component.")
 @click.option("--hyper-lookahead", type=click.Choice(LOOKAHEADS), default=C.hyper_lookahead, show_default=True,
               help="KD-tuning operators (greedy): the look-ahead step at the current or the base lr.")
+@click.option("--hyper-jvp", type=click.Choice(HYPER_JVPS), default=C.hyper_jvp, show_default=True,
+              help="KD-tuning operators (greedy): J a exactly or as a forward difference (cheaper).")
 @click.option("--batch-size", type=int, default=C.batch_size, show_default=True)
 @click.option("--momentum", type=float, default=C.momentum, show_default=True, help="SGD momentum.")
 @click.option("--schedule", default=C.schedule, show_default=True, help="lr schedule of the classic operators: constant | step | cosine | onecycle.")

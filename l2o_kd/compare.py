@@ -156,7 +156,9 @@ def decisive_config(cfg: CompareConfig, specs: list[OperatorSpec], steps: int) -
     the target, device, progress, output and trajectory points."""
     wants_kd = cfg.beta > 0 or any(s.tune_kd or s.learned for s in specs)
     teacher = file_digest(teacher_path(cfg.teacher)) if wants_kd else None
-    return {**{k: getattr(cfg, k) for k in DECISIVE}, "steps": steps, "teacher": teacher}
+    later = {"hyper_jvp": "exact"}  # fields added since: left out at their defaults, so that older folders resume
+    return {**{k: getattr(cfg, k) for k in DECISIVE}, **{k: getattr(cfg, k) for k, v in later.items() if getattr(cfg, k) != v},
+            "steps": steps, "teacher": teacher}
 
 
 def check_learned_operators(out: Path, specs: list[OperatorSpec]) -> None:
@@ -326,6 +328,7 @@ def _run_config(
         kd_form=cfg.kd_form,
         hyper_clip_mode=cfg.hyper_clip_mode,
         hyper_lookahead=cfg.hyper_lookahead,
+        hyper_jvp=cfg.hyper_jvp,
         operator=spec.base,
         lr=lrs.get(spec.base, 1.0),
         momentum=cfg.momentum,

@@ -16,6 +16,7 @@ from .errors import UserError
 KD_FORMS = ("hinton", "paper")  # the KD loss convention: with or without T^2 on the KL term (distill.py)
 CLIP_MODES = ("norm", "value")  # how the hypergradient is clipped (hypergrad.py)
 LOOKAHEADS = ("current", "base")  # the lr of the greedy hypergradient's look-ahead step (hypergrad.py)
+HYPER_JVPS = ("exact", "difference")  # how the greedy hypergradient forms J a (hypergrad.py)
 TUNE_KD_METHODS = ("greedy", "unrolled", "extrapolate", "extrapolate-periodic")  # --tune-kd (hypergrad.py)
 META_METHODS = ("tbptt", "es", "pes")  # meta-train --method (meta.py)
 ES_OBJECTIVES = ("ce", "error")  # meta-train --es-objective
@@ -57,6 +58,7 @@ class TrainConfig:
     hyper_clip: float = 0.01
     hyper_clip_mode: str = "norm"  # norm: scale the hypergradient to norm <= clip | value: clamp each component to [-clip, clip]
     hyper_lookahead: str = "current"  # greedy look-ahead step at the current lr | base: at the base lr, hypergradient x (current / base lr)
+    hyper_jvp: str = "exact"  # greedy J a: exact forward-mode | difference: one forward at w + eps a (the training forward gives f(w))
     hyper_every: int = 1
     hyper_unroll: int = 3
     extrapolate_after: float = 0.5  # extrapolate: fraction of the run spent in the greedy phase
@@ -88,8 +90,8 @@ class TrainConfig:
         "eval_at_start", "data_root", "download"})
 
     HYPER: ClassVar[frozenset[str]] = frozenset({
-        "hyper_lr", "hyper_clip", "hyper_clip_mode", "hyper_lookahead", "hyper_every", "hyper_unroll", "extrapolate_after", "periodic_greedy",
-        "periodic_follow"})
+        "hyper_lr", "hyper_clip", "hyper_clip_mode", "hyper_lookahead", "hyper_jvp", "hyper_every", "hyper_unroll", "extrapolate_after",
+        "periodic_greedy", "periodic_follow"})
 
     def decisive(self) -> dict[str, Any]:
         """The fields that decide the run's result (files such as the teacher enter by digest, elsewhere),
@@ -102,6 +104,8 @@ class TrainConfig:
             unused |= {"lr_step_epochs", "lr_gamma"}
         if not self.bn_updates:  # (runs saved before the field existed had none)
             unused |= {"bn_updates"}
+        if self.hyper_jvp == "exact":  # (likewise)
+            unused |= {"hyper_jvp"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
 
     @classmethod
@@ -123,6 +127,7 @@ class TrainConfig:
         check_choice("--kd-form", self.kd_form, KD_FORMS)
         check_choice("--hyper-clip-mode", self.hyper_clip_mode, CLIP_MODES)
         check_choice("--hyper-lookahead", self.hyper_lookahead, LOOKAHEADS)
+        check_choice("--hyper-jvp", self.hyper_jvp, HYPER_JVPS)
         if self.hyper_every < 1 or self.hyper_unroll < 1:
             raise UserError("--hyper-every and --hyper-unroll must be positive")
         if self.periodic_greedy < 1 or self.periodic_follow < 0:
@@ -168,6 +173,7 @@ class CompareConfig:
     kd_form: str = TrainConfig.kd_form
     hyper_clip_mode: str = TrainConfig.hyper_clip_mode  # of the KD-tuning operators (sgd+greedy ...)
     hyper_lookahead: str = TrainConfig.hyper_lookahead
+    hyper_jvp: str = TrainConfig.hyper_jvp
     batch_size: int = TrainConfig.batch_size
     momentum: float = TrainConfig.momentum
     schedule: str = TrainConfig.schedule  # lr schedule of the classic operators (tuning runs included)
@@ -189,6 +195,7 @@ class CompareConfig:
         check_choice("--kd-form", self.kd_form, KD_FORMS)
         check_choice("--hyper-clip-mode", self.hyper_clip_mode, CLIP_MODES)
         check_choice("--hyper-lookahead", self.hyper_lookahead, LOOKAHEADS)
+        check_choice("--hyper-jvp", self.hyper_jvp, HYPER_JVPS)
         if self.seeds < 1 or self.tune_lr < 0 or self.evals < 1:
             raise UserError("--seeds and --evals must be positive, --tune-lr non-negative")
         seed_ranges.check(range(self.seeds), "evaluation", "--seeds")

@@ -232,8 +232,9 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     else:
         net = LSTMOperatorNet(LSTMOperatorConfig(hidden=cfg.hidden, base_scale=cfg.base_scale, normalize_update=cfg.normalize_update,
                                                  per_coordinate=cfg.per_coordinate, rms_floor=cfg.rms_floor)).to(cfg.device)
-    if cfg.method != "tbptt" and not any(name.startswith(ES_PARAMS[cfg.es_params]) for name, _ in net.named_parameters()):
-        raise UserError(f"--es-params {cfg.es_params} selects none of this operator's weights (per-coordinate part: {net.cfg.per_coordinate})")
+    missing = [p for p in ES_PARAMS[cfg.es_params] if not any(name.startswith(p) for name, _ in net.named_parameters())]
+    if cfg.method != "tbptt" and missing:
+        raise UserError(f"--es-params {cfg.es_params}: this operator (per-coordinate part {net.cfg.per_coordinate!r}) has no weights {', '.join(missing)}")
     operator = LSTMOperator(net)
     meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
     meta_step, episode_idx, skipped, best, wall = 0, 0, 0, -1.0, 0.0

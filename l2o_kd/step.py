@@ -42,14 +42,14 @@ class StepResult:
 
 
 def gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, temperature, kd_form: str, amp: bool = False,
-             differentiable: bool = False, second_order: bool = False) -> tuple[Params, torch.Tensor]:
-    """The KD gradient of one batch and its stats ``[total, ce, kd, acc]`` (acc is NaN when
-    ``differentiable``: the logit-space path does not keep the logits)."""
+             differentiable: bool = False, second_order: bool = False) -> tuple[Params, torch.Tensor, torch.Tensor | None]:
+    """The KD gradient of one batch, its stats ``[total, ce, kd, acc]`` and the student's logits
+    (detached; acc NaN and no logits when ``differentiable``: the logit-space path does not keep them)."""
     if differentiable:
         grads, ce, kd = kd_gradient(model, params, buffers, x, y, t_logits, beta, temperature, second_order, kd_form)
         b = float(beta.detach()) if isinstance(beta, torch.Tensor) else float(beta)
         stats = torch.tensor([(1 - b) * ce + b * kd, ce, kd, float("nan")], device=x.device)
-        return grads, stats
+        return grads, stats, None
     with torch.enable_grad():  # also inside no_grad (ES and PES episodes)
         w = {k: p.detach().requires_grad_(True) for k, p in params.items()}
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -57,7 +57,7 @@ def gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, tempe
         terms = kd_terms(logits, t_logits, y, beta, temperature, kd_form)
         grads = dict(zip(w, torch.autograd.grad(terms.total, list(w.values()))))
     stats = torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach()
-    return grads, stats
+    return grads, stats, logits.detach()
 
 
 def training_step(operator: Operator, model, params: Params, buffers: Params, state: dict, x, y, t_logits, *, step: int,
@@ -75,7 +75,9 @@ def training_step(operator: Operator, model, params: Params, buffers: Params, st
             apply(model, params, buffers, x, train=True)
     kd = operator.kd(state)
     beta, temperature = (kd.beta, kd.temperature) if kd else fixed_kd
-    grads, stats = gradient(model, params, buffers, x, y, t_logits, beta, temperature, kd_form, amp, differentiable, second_order)
+    grads, stats, logits = gradient(model, params, buffers, x, y, t_logits, beta, temperature, kd_form, amp, differentiable, second_order)
+    if batches is not None and not amp and reduce is None:  # this shard's full-precision logits: a hypergradient may reuse them
+        batches.logits = logits
     if reduce is not None:  # the gradient and loss of the global batch: means over equal shards
         *averaged, stats = reduce([*grads.values(), stats])
         grads = dict(zip(grads, averaged))

@@ -73,7 +73,7 @@ def build_operator(cfg: TrainConfig, steps_per_epoch: int, total_steps: int, dev
 
         switch = max(1, round(cfg.extrapolate_after * total_steps))
         op = HyperKD(op, cfg.tune_kd, cfg.beta, cfg.temperature, cfg.hyper_lr, cfg.hyper_clip, cfg.hyper_every, cfg.hyper_unroll, switch,
-                     kd_form=cfg.kd_form, clip_mode=cfg.hyper_clip_mode, lookahead=cfg.hyper_lookahead,
+                     kd_form=cfg.kd_form, clip_mode=cfg.hyper_clip_mode, lookahead=cfg.hyper_lookahead, jvp=cfg.hyper_jvp,
                      greedy_len=cfg.periodic_greedy, follow_len=cfg.periodic_follow)
     return op
 

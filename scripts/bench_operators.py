@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from l2o_kd.compare import OperatorSpec
-from l2o_kd.config import TrainConfig
+from l2o_kd.config import HYPER_JVPS, TrainConfig
 from l2o_kd.distill import kd_loss
 from l2o_kd.hypergrad import Batches
 from l2o_kd.models import apply, build_model, split_state
@@ -30,7 +30,8 @@ from l2o_kd.operators import StepContext
 from l2o_kd.train import build_operator
 
 
-def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, device: str, memory: bool = True) -> dict[str, dict]:
+def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, device: str, memory: bool = True,
+          hyper_jvp: str = TrainConfig.hyper_jvp) -> dict[str, dict]:
     model = build_model(student, seed=0).to(device)
     g = torch.Generator().manual_seed(0)
     x, xv = (torch.randn(batch, 3, 32, 32, generator=g).to(device) for _ in range(2))
@@ -38,7 +39,7 @@ def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, dev
     teacher = torch.randn(batch, 10, generator=g).to(device)
     out = {}
     for spec in specs:
-        op = build_operator(TrainConfig(operator=spec.base, lr=1e-3, tune_kd=spec.tune_kd), 350, 10_000, device)
+        op = build_operator(TrainConfig(operator=spec.base, lr=1e-3, tune_kd=spec.tune_kd, hyper_jvp=hyper_jvp), 350, 10_000, device)
         params, buffers = split_state(model)
         state = op.init(params)
         full, alone = [], []
@@ -50,11 +51,12 @@ def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, dev
             ps = {k: v.detach().requires_grad_(True) for k, v in params.items()}
             kd = op.kd(state)
             beta, temp = (kd.beta, kd.temperature) if kd else (0.5, 4.0)
-            loss = kd_loss(apply(model, ps, buffers, x, True), teacher, y, beta, temp)
+            logits = apply(model, ps, buffers, x, True)
+            loss = kd_loss(logits, teacher, y, beta, temp)
             grads = dict(zip(ps, torch.autograd.grad(loss, list(ps.values()))))
             ctx = StepContext(i, 10_000, loss.item(), float("nan"), float("nan"))
             if op.needs_batches:
-                ctx.batches = Batches(model, buffers, x, y, teacher, lambda: (xv, yv))
+                ctx.batches = Batches(model, buffers, x, y, teacher, lambda: (xv, yv), logits.detach())  # as the training step hands them over
             _sync(device)
             t1 = time.perf_counter()
             with torch.no_grad():
@@ -113,6 +115,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--hyper-jvp", choices=HYPER_JVPS, default=TrainConfig.hyper_jvp, help="how greedy operators form J a")
     ap.add_argument("--append", default=None, help="also append the table to this markdown file (e.g. docs/RESULTS.md)")
     ap.add_argument("--peak-rss-of", default=None, help=argparse.SUPPRESS)  # STUDENT:OPERATOR, internal: one cell in a fresh process
     args = ap.parse_args()
@@ -129,7 +132,7 @@ def main() -> None:
     if "adam" not in [s.label for s in specs]:
         specs.insert(0, OperatorSpec.parse("adam"))  # the reference
     lines = [
-        f"Step cost, {datetime.date.today()}: `python scripts/bench_operators.py --threads {args.threads} --device {args.device}`; "
+        f"Step cost, {datetime.date.today()}: `python scripts/bench_operators.py --threads {args.threads} --device {args.device} --hyper-jvp {args.hyper_jvp}`; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"batch {args.batch_size}, median of {args.repeats} steps after 5 warm-up steps, random data; peak MiB: "
         + (
@@ -143,7 +146,7 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     for student in args.students.split(","):
-        res = bench(student, specs, args.batch_size, args.repeats, args.device)
+        res = bench(student, specs, args.batch_size, args.repeats, args.device, hyper_jvp=args.hyper_jvp)
         for label, r in res.items():
             line = (
                 f"| {student} | {label} | {r['step_ms']:.2f} | {r['op_ms']:.2f} | {r['step_ms'] / res['adam']['step_ms']:.2f}x | "

@@ -192,7 +192,8 @@ def test_es_on_some_weights_continues_a_saved_operator_and_moves_only_those(tmp_
         assert moved == name.startswith(moving), name
 
 
-def test_es_params_that_select_none_of_the_operators_weights_are_refused(tmp_path, teacher_ckpt):
-    cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), method="pes", es_params="coord-mlp", runs_dir=str(tmp_path), progress=False)
-    with pytest.raises(UserError, match="selects none of this operator's weights"):
+def test_es_params_naming_weights_the_operator_lacks_are_refused(tmp_path, teacher_ckpt):
+    cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), method="pes", es_params="coord-mlp", curriculum="12", meta_steps=1,
+                     validate_every=1, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64, runs_dir=str(tmp_path), progress=False)
+    with pytest.raises(UserError, match="has no weights coord_in"):
         meta_train(cfg)  # a fresh operator with a per-coordinate LSTM has no per-coordinate MLP
