@@ -77,7 +77,6 @@ class LSTMOperatorConfig:
         return self.n_inputs + len(self.timescales)  # their means over the tensor, log RMS(momentum) / RMS(g)
 
 
-
 class LSTMOperatorNet(nn.Module):
     """The weights phi of the learned operator."""
 
