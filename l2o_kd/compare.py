@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import seeds as seed_ranges
 from .checkpoint import save_atomic_text
-from .config import TUNE_KD_METHODS, CompareConfig, TrainConfig
+from .config import TUNE_KD_METHODS, CompareConfig, TrainConfig, without_later_defaults
 from .errors import Diverged, UserError
 from .fingerprint import check_fingerprint, file_digest
 from .operators import CLASSIC
@@ -156,9 +156,8 @@ def decisive_config(cfg: CompareConfig, specs: list[OperatorSpec], steps: int) -
     the target, device, progress, output and trajectory points."""
     wants_kd = cfg.beta > 0 or any(s.tune_kd or s.learned for s in specs)
     teacher = file_digest(teacher_path(cfg.teacher)) if wants_kd else None
-    later = {"hyper_jvp": "exact"}  # fields added since: left out at their defaults, so that older folders resume
-    return {**{k: getattr(cfg, k) for k in DECISIVE}, **{k: getattr(cfg, k) for k, v in later.items() if getattr(cfg, k) != v},
-            "steps": steps, "teacher": teacher}
+    decisive = {k: getattr(cfg, k) for k in (*DECISIVE, "hyper_jvp")}
+    return {**without_later_defaults(decisive, {"hyper_jvp": "exact"}), "steps": steps, "teacher": teacher}
 
 
 def check_learned_operators(out: Path, specs: list[OperatorSpec]) -> None:

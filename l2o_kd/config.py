@@ -27,6 +27,12 @@ def check_choice(flag: str, value: str, choices) -> None:
         raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def without_later_defaults(d: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without the fields added after runs were first saved (``later``: name -> the default the
+    older runs implicitly had) where they hold that default, so that older runs' fingerprints still match."""
+    return {k: v for k, v in d.items() if not (k in later and v == later[k])}
+
+
 def parse_seeds(text: str, flag: str) -> list[int]:
     """The seeds of a comma-separated flag such as ``--val-seeds 1000,1001``."""
     try:
@@ -102,11 +108,8 @@ class TrainConfig:
             unused |= self.HYPER
         if self.schedule != "step":
             unused |= {"lr_step_epochs", "lr_gamma"}
-        if not self.bn_updates:  # (runs saved before the field existed had none)
-            unused |= {"bn_updates"}
-        if self.hyper_jvp == "exact":  # (likewise)
-            unused |= {"hyper_jvp"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
+        decisive = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
+        return without_later_defaults(decisive, {"bn_updates": 0, "hyper_jvp": "exact"})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -283,10 +286,8 @@ class MetaConfig:
     NOT_DECISIVE: ClassVar[frozenset[str]] = frozenset({"runs_dir", "run_name", "out", "progress", "device", "data_root", "meta_steps", "minutes"})
 
     def decisive(self) -> dict[str, Any]:
-        # operator fields added later are left out at their defaults, so that older runs resume
-        later = {"normalize_update": False, "per_coordinate": "lstm", "rms_floor": 0.0}
-        unused = set(self.NOT_DECISIVE) | {k for k, v in later.items() if getattr(self, k) == v}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
+        decisive = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.NOT_DECISIVE}
+        return without_later_defaults(decisive, {"normalize_update": False, "per_coordinate": "lstm", "rms_floor": 0.0})
 
     def validate(self) -> None:
         from .device import check_device

@@ -190,8 +190,7 @@ class PES(GradientEstimator):
             k = self.schedule.steps(pair["plus"])
             losses = []
             for sign, particle in ((1.0, pair["plus"]), (-1.0, pair["minus"])):
-                with torch.no_grad():
-                    self.task.advance(perturbed(net, eps, sign * self.sigma), particle, k)
+                self.task.advance(perturbed(net, eps, sign * self.sigma), particle, k)
                 losses.append(self.task.loss(particle))
             coeff = (losses[0] - losses[1]) / (2 * self.sigma)
             total = [t + coeff * x for t, x in zip(total, pair["xi"])]

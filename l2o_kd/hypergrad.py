@@ -68,7 +68,7 @@ from .config import CLIP_MODES, HYPER_JVPS, KD_FORMS, LOOKAHEADS, TUNE_KD_METHOD
 from .distill import batch_ce, kd_gradient, kd_logit_gradient
 from .errors import UserError
 from .models import apply, frozen
-from .operators.base import KDChoice, Operator, Params, State, StepContext
+from .operators.base import KDChoice, Operator, Params, State, StepContext, global_norm
 from .operators.schedules import Schedule
 
 # torch's forward-mode AD (the JVP of the greedy hypergradient) loads decompositions through the
@@ -90,7 +90,6 @@ class Batches:
     y: torch.Tensor
     teacher: torch.Tensor
     val_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-    logits: torch.Tensor | None = None  # the student's train-mode logits of x at the current weights, if the step computed them
 
 
 def project(h: torch.Tensor) -> torch.Tensor:
@@ -204,8 +203,8 @@ class HyperKD(Operator):
         if self.jvp == "difference":
             with torch.no_grad():
                 w = [params[k].detach() for k in names]
-                logits = b.logits.detach() if b.logits is not None else forward(*w)
-                eps = float(DIFFERENCE_STEP * _norm(w) / (_norm(a) + 1e-30))
+                logits = ctx.logits if ctx.logits is not None else forward(*w)
+                eps = float(DIFFERENCE_STEP * global_norm(w, torch.float64) / (global_norm(a, torch.float64) + 1e-30))
                 ja = (forward(*[p + eps * d for p, d in zip(w, a)]) - logits) / eps
         else:
             logits, ja = torch.func.jvp(forward, tuple(params[k] for k in names), tuple(a))
@@ -244,10 +243,6 @@ class HyperKD(Operator):
                 "hyper_lr": self.hyper_lr, "clip": self.clip, "every": self.every, "unroll": self.unroll, "switch": self.switch,
                 "kd_form": self.kd_form, "clip_mode": self.clip_mode, "lookahead": self.lookahead, "greedy_len": self.greedy_len,
                 "follow_len": self.follow_len, "jvp": self.jvp}
-
-
-def _norm(tensors) -> torch.Tensor:
-    return torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors))
 
 
 def add_point(fit: torch.Tensor, t: int, h: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,13 @@ def train_step(operator: LSTMOperator, ep: Episode, differentiable: bool = False
     ep.step += 1
 
 
+def advance(operator: LSTMOperator, ep: Episode, k: int) -> None:
+    """``k`` operator steps of an episode (at most to its end), no graph."""
+    with torch.no_grad():
+        for _ in range(min(k, ep.length - ep.step)):
+            train_step(operator, ep)
+
+
 def unroll(operator: LSTMOperator, ep: Episode, k: int) -> torch.Tensor:
     """``k`` operator steps of an episode; returns the mean validation CE after each (a graph to phi),
     after step t on batch t + 1 of the episode's validation stream (``val_loader.batch_at``, seed + 7)."""
@@ -145,9 +152,7 @@ def episode_loss(ep: Episode, n_val: int, objective: str = "ce") -> float:
 
 def episode_end_loss(operator: LSTMOperator, ep: Episode, n_val: int, objective: str = "ce") -> float:
     """Runs the episode to its end (no graph), then :func:`episode_loss`."""
-    with torch.no_grad():
-        while not ep.done:
-            train_step(operator, ep)
+    advance(operator, ep, ep.length - ep.step)
     return episode_loss(ep, n_val, objective)
 
 
@@ -170,10 +175,7 @@ class OperatorTask:
         return unroll(LSTMOperator(net), ep, k)
 
     def advance(self, net, ep: Episode, k: int) -> None:
-        op = LSTMOperator(net)
-        with torch.no_grad():
-            for _ in range(k):
-                train_step(op, ep)
+        advance(LSTMOperator(net), ep, k)
 
     def loss(self, ep: Episode) -> float:
         return episode_loss(ep, self.cfg.es_eval, self.cfg.es_objective)

@@ -76,15 +76,14 @@ def training_step(operator: Operator, model, params: Params, buffers: Params, st
     kd = operator.kd(state)
     beta, temperature = (kd.beta, kd.temperature) if kd else fixed_kd
     grads, stats, logits = gradient(model, params, buffers, x, y, t_logits, beta, temperature, kd_form, amp, differentiable, second_order)
-    if batches is not None and not amp and reduce is None:  # this shard's full-precision logits: a hypergradient may reuse them
-        batches.logits = logits
     if reduce is not None:  # the gradient and loss of the global batch: means over equal shards
         *averaged, stats = reduce([*grads.values(), stats])
         grads = dict(zip(grads, averaged))
     loss, ce, kd_value, _ = stats.tolist()
     if raise_on_nan and not math.isfinite(loss):
         raise Diverged(step, "training loss")
-    ctx = StepContext(step, total_steps, loss, ce, kd_value, batches)
+    # this shard's full-precision logits: a hypergradient may reuse them
+    ctx = StepContext(step, total_steps, loss, ce, kd_value, batches, logits if not amp and reduce is None else None)
     with torch.set_grad_enabled(differentiable):
         current = params if differentiable else {k: p.detach() for k, p in params.items()}
         new_params, new_state, info = operator.step(current, grads, state, ctx)

@@ -54,9 +54,9 @@ def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, dev
             logits = apply(model, ps, buffers, x, True)
             loss = kd_loss(logits, teacher, y, beta, temp)
             grads = dict(zip(ps, torch.autograd.grad(loss, list(ps.values()))))
-            ctx = StepContext(i, 10_000, loss.item(), float("nan"), float("nan"))
+            ctx = StepContext(i, 10_000, loss.item(), float("nan"), float("nan"), logits=logits.detach())  # as the training step does
             if op.needs_batches:
-                ctx.batches = Batches(model, buffers, x, y, teacher, lambda: (xv, yv), logits.detach())  # as the training step hands them over
+                ctx.batches = Batches(model, buffers, x, y, teacher, lambda: (xv, yv))
             _sync(device)
             t1 = time.perf_counter()
             with torch.no_grad():
@@ -70,23 +70,23 @@ def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, dev
             "step_ms": statistics.median(full) * 1e3,
             "op_ms": statistics.median(alone) * 1e3,
             "state_mib": _bytes(state) / 2**20,
-            "peak_mib": _peak_mib(device, student, spec, batch) if memory else float("nan"),
+            "peak_mib": _peak_mib(device, student, spec, batch, hyper_jvp) if memory else float("nan"),
         }
     return out
 
 
-def _peak_mib(device: str, student: str, spec: OperatorSpec, batch: int) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else _peak_rss_alone(student, spec, batch)
+def _peak_mib(device: str, student: str, spec: OperatorSpec, batch: int, hyper_jvp: str) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else _peak_rss_alone(student, spec, batch, hyper_jvp)
 
 
-def _peak_rss_alone(student: str, spec: OperatorSpec, batch: int) -> float:
+def _peak_rss_alone(student: str, spec: OperatorSpec, batch: int, hyper_jvp: str) -> float:
     """Peak RSS (MiB) of a fresh process running 10 steps of ``student`` with ``spec`` on CPU."""
     import subprocess
     import sys
 
     arg = spec.base if spec.learned else spec.label
     res = subprocess.run(
-        [sys.executable, __file__, "--peak-rss-of", f"{student}:{arg}", "--batch-size", str(batch), "--threads", "1"],
+        [sys.executable, __file__, "--peak-rss-of", f"{student}:{arg}", "--batch-size", str(batch), "--threads", "1", "--hyper-jvp", hyper_jvp],
         capture_output=True,
         text=True,
         check=True,
@@ -123,7 +123,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.peak_rss_of:
         student, spec = args.peak_rss_of.split(":", 1)
-        bench(student, [OperatorSpec.parse(spec)], args.batch_size, repeats=5, device="cpu", memory=False)
+        bench(student, [OperatorSpec.parse(spec)], args.batch_size, repeats=5, device="cpu", memory=False, hyper_jvp=args.hyper_jvp)
         # VmHWM, not getrusage: Linux carries the parent's peak into ru_maxrss across fork + exec
         hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
         print(int(hwm.split()[1]) / 1024)

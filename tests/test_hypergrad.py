@@ -116,7 +116,7 @@ def test_greedy_by_a_forward_difference_matches_the_exact_hypergradient(inner, d
     """``jvp="difference"`` forms J a as (f(w + eps a) - f(w)) / eps with |eps a| = 1e-3 |w|: its
     error is O(eps) (curvature of the logits along a) plus rounding ~ u / 1e-3 (u = 1e-16 or 6e-8):
     measured 1.2-1.6e-4 of |dh| here, in both dtypes; the bound 3e-2 leaves two decades of headroom. f(w) given by the
-    training step (``Batches.logits``) or recomputed gives the same value."""
+    training step (``StepContext.logits``) or recomputed gives the same value."""
     model, params, data, val = _setup()
     state = _warm_state(inner, model, params)
     cast = lambda tree: torch.utils._pytree.tree_map(lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v, tree)
@@ -128,8 +128,8 @@ def test_greedy_by_a_forward_difference_matches_the_exact_hypergradient(inner, d
     exact = HyperKD(inner, "greedy").greedy_hypergradient(h, params, g, state, b, StepContext(0, 10))
     diff = HyperKD(inner, "greedy", jvp="difference")
     recomputed = diff.greedy_hypergradient(h, params, g, state, b, StepContext(0, 10))
-    b.logits = torch.func.functional_call(model, params, (x,)).detach()
-    reused = diff.greedy_hypergradient(h, params, g, state, b, StepContext(0, 10))
+    logits = torch.func.functional_call(model, params, (x,)).detach()
+    reused = diff.greedy_hypergradient(h, params, g, state, b, StepContext(0, 10, logits=logits))
     assert float(exact.norm()) > 1e-6
     assert float((recomputed - exact).norm()) <= 3e-2 * float(exact.norm()), (recomputed, exact)
     torch.testing.assert_close(reused, recomputed, rtol=1e-4, atol=0)
@@ -227,7 +227,7 @@ def test_short_synthetic_run_moves_the_hyperparameters(tmp_path, teacher_ckpt, m
 
 
 def test_a_greedy_run_by_forward_differences_follows_the_exact_one(tmp_path, teacher_ckpt, monkeypatch):
-    """The training step hands its logits to the hypergradient (``Batches.logits``), and a run with
+    """The training step hands its logits to the hypergradient (``StepContext.logits``), and a run with
     ``--hyper-jvp difference`` moves (beta, T) as the exact run does: each hypergradient differs by
     ~1e-4 relative (the unit test above), so after the whole run the paths differ by a small fraction
     of how far (beta, T) moved (1% measured; asserted < 10%)."""
@@ -235,7 +235,7 @@ def test_a_greedy_run_by_forward_differences_follows_the_exact_one(tmp_path, tea
     real = HyperKD.greedy_hypergradient
 
     def spy(self, h, params, grads, inner_state, b, ctx):
-        reused.append(b.logits is not None)
+        reused.append(ctx.logits is not None)
         return real(self, h, params, grads, inner_state, b, ctx)
 
     monkeypatch.setattr(HyperKD, "greedy_hypergradient", spy)

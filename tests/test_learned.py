@@ -98,10 +98,11 @@ def test_the_hierarchical_corrections_equal_a_tensor_by_tensor_reference():
     gen = torch.Generator().manual_seed(1)
     features = torch.randn(op.cfg.n_inputs, sum(sizes), generator=gen, dtype=torch.float64)
     ms_momenta = torch.rand(len(op.cfg.timescales), len(sizes), generator=gen, dtype=torch.float64)
-    ms_grad = torch.rand(len(sizes), generator=gen, dtype=torch.float64) + 0.5
+    g = torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
+    ms_grad = torch.stack([part.pow(2).mean() for part in g.split(sizes)])
     state = op.init(params)
     with torch.no_grad():
-        coord, pooled, h, c = op.net.corrections(features, ms_momenta, ms_grad, sizes, state["h"], state["c"])
+        coord, pooled, h, c = op.net.corrections(features, ms_momenta, g, sizes, state["h"], state["c"])
         rows, tops = [], []
         hidden = (state["h"], state["c"])
         pooled_in = torch.stack([torch.cat([f.mean(1), 0.5 * torch.log(ms_momenta[:, t] / ms_grad[t])])

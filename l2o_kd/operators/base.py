@@ -30,6 +30,7 @@ class StepContext:
     ce_loss: float = float("nan")
     kd_loss: float = float("nan")
     batches: Any = None  # for operators with ``needs_batches`` (hypergradients): a hypergrad.Batches
+    logits: Any = None  # the student's train-mode logits of this batch, detached, when the step kept them
 
     @property
     def progress(self) -> float:
@@ -68,5 +69,7 @@ class Operator(ABC):
         return {"name": self.name}
 
 
-def global_norm(tensors: Params) -> torch.Tensor:
-    return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors.values()))
+def global_norm(tensors, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The L2 norm of all tensors together (a dict's values or a sequence), detached, in ``dtype``."""
+    values = tensors.values() if isinstance(tensors, dict) else tensors
+    return torch.sqrt(sum((t.detach().to(dtype) ** 2).sum() for t in values))

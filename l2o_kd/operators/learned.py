@@ -111,13 +111,15 @@ class LSTMOperatorNet(nn.Module):
         """How many rows the LSTM's state has: one per coordinate, or one per tensor."""
         return sum(sizes) if self.cfg.per_coordinate == "lstm" else len(sizes)
 
-    def corrections(self, features: torch.Tensor, ms_momenta: torch.Tensor, ms_grad: torch.Tensor | None, sizes: list[int], h, c):
+    def corrections(self, features: torch.Tensor, ms_momenta: torch.Tensor, g: torch.Tensor, sizes: list[int], h, c):
         """The learned part: per coordinate (direction correction, log-magnitude) (2 x N), the LSTM
-        output pooled for the global head, and the LSTM's new state. ``features`` is n_inputs x N;
-        ``ms_momenta`` (K x tensors) and ``ms_grad`` (tensors) are mean squares over each tensor."""
+        output pooled for the global head, and the LSTM's new state. ``features`` is n_inputs x N,
+        ``ms_momenta`` (K x tensors) the floored mean squares of the running averages over each tensor,
+        ``g`` the gradient (N)."""
         if self.cfg.per_coordinate == "lstm":
             out, (h, c) = self.lstm(features.T[None], (h, c))
             return self.coord_out(out[0]).T, out[0].mean(0), h, c
+        ms_grad = floored(_tensor_means(g[None] ** 2, sizes), g[None], self.cfg.rms_floor)[0]
         consistency = (0.5 * torch.log((ms_momenta + 1e-30) / (ms_grad + 1e-30))).clamp(-5, 5)
         pooled_in = torch.cat([_tensor_means(features, sizes), consistency]).T  # tensors x n_tensor_inputs
         out, (h, c) = self.lstm(pooled_in[None], (h, c))
@@ -167,7 +169,7 @@ class LSTMOperator(Operator):
         g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         decay = torch.tensor(self.cfg.timescales, device=g.device, dtype=g.dtype)[:, None]
         momenta = decay * state["momenta"] + (1 - decay) * g
-        ms_momenta = self._floored(_tensor_means(momenta**2, sizes), momenta)  # K x tensors
+        ms_momenta = floored(_tensor_means(momenta**2, sizes), momenta, self.cfg.rms_floor)  # K x tensors
         m_hat = momenta / _broadcast(torch.sqrt(ms_momenta + 1e-16), sizes)
         features = torch.cat([
             (torch.log(g.abs() + 1e-30) / P).clamp(-1, 1)[None],
@@ -175,8 +177,7 @@ class LSTMOperator(Operator):
             m_hat,
             torch.full_like(g, ctx.progress)[None],
         ])  # n_inputs x N
-        ms_grad = self._floored(_tensor_means(g[None] ** 2, sizes), g[None])[0] if self.cfg.per_coordinate == "mlp" else None
-        coord, pooled, h, c = self.net.corrections(features, ms_momenta, ms_grad, sizes, state["h"], state["c"])
+        coord, pooled, h, c = self.net.corrections(features, ms_momenta, g, sizes, state["h"], state["c"])
         direction = -m_hat[self.cfg.timescales.index(0.9) if 0.9 in self.cfg.timescales else 0] + coord[0]
         magnitude = coord[1].clamp(-5, 3)
 
@@ -199,11 +200,6 @@ class LSTMOperator(Operator):
             "scale": scale,
         }
         return new_params, new_state, {"step_scale": scale.detach(), "lr": (self.cfg.base_scale * scale).detach()}
-
-    def _floored(self, ms: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Mean squares over each tensor (K x tensors) of the rows of ``x`` (K x N), floored at
-        ``rms_floor``^2 times their mean square over all coordinates."""
-        return torch.maximum(ms, self.cfg.rms_floor**2 * (x**2).mean(1, keepdim=True)) if self.cfg.rms_floor else ms
 
     def config(self) -> dict:
         return {"name": self.name, **asdict(self.cfg)}
@@ -249,6 +245,12 @@ def _tensor_means(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """For rows of ``x`` (K x N, the coordinates of the tensors of ``sizes`` one after another), the
     mean over each tensor's coordinates (K x tensors)."""
     return torch.stack([part.mean(1) for part in x.split(sizes, 1)], 1)
+
+
+def floored(ms: torch.Tensor, x: torch.Tensor, rms_floor: float) -> torch.Tensor:
+    """Mean squares over each tensor (K x tensors) of the rows of ``x`` (K x N), floored at
+    ``rms_floor``^2 times their mean square over all coordinates (0: no floor)."""
+    return torch.maximum(ms, rms_floor**2 * (x**2).mean(1, keepdim=True)) if rms_floor else ms
 
 
 def _broadcast(v: torch.Tensor, sizes: list[int]) -> torch.Tensor:
