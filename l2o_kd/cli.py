@@ -276,6 +276,8 @@ def meta_train_cmd(threads, resume, no_progress, **kw):
 @click.option("--lr", "lr_items", multiple=True, help="Fix a base operator's lr, e.g. --lr sgd=0.1 (not tuned then).")
 @click.option("--tune-lr", type=int, default=C.tune_lr, show_default=True, help="Tune classic lrs over a log grid of N values on validation.")
 @click.option("--tune-steps", type=int, default=C.tune_steps, show_default=True, help="Length of each tuning run.")
+@click.option("--tune-kd-grid", "kd_grid", default="", help="Tune the classic operators' fixed (beta, T) too, jointly with the lr, over "
+              "these pairs, e.g. 0.5:4,0.9:4,0.9:8 (scored as --tune-lr).")
 @click.option("--target", type=float, default=None, help="Test accuracy for 'steps to target' [default: best classic final mean].")
 @click.option("--evals", type=int, default=C.evals, show_default=True, help="Evaluation points per run.")
 @click.option("--device", default=C.device, show_default=True)
@@ -288,6 +290,7 @@ def compare(lr_items, threads, no_progress, **kw):
 
     _set_threads(threads)
     kw["lrs"] = _parse_lrs(lr_items)
+    kw["kd_grid"] = _parse_kd_grid(kw["kd_grid"])
     summary = compare(CompareConfig(**kw, progress=not no_progress))
     click.echo((Path(kw["out"]) / "summary.md").read_text())
     click.echo(json.dumps({"target": summary["target"], **{k: round(v["test_mean"], 4) for k, v in summary["operators"].items()}}))
@@ -302,6 +305,17 @@ def _parse_lrs(items) -> dict[str, float]:
         except ValueError:
             raise UserError(f"--lr {item!r}: write NAME=VALUE, e.g. --lr sgd=0.1") from None
     return lrs
+
+
+def _parse_kd_grid(text: str) -> list[list[float]]:
+    pairs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        beta, sep, temperature = item.partition(":")
+        try:
+            pairs.append([float(beta), float(temperature if sep else "")])
+        except ValueError:
+            raise UserError(f"--tune-kd-grid {item!r}: write BETA:T pairs, e.g. --tune-kd-grid 0.5:4,0.9:8") from None
+    return pairs
 
 
 def _set_threads(threads: int | None) -> None:

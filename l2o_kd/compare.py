@@ -6,7 +6,9 @@
    from a log grid of N values around its default, scored by **validation** accuracy after
    ``tune_steps`` steps on the tuning seed ``seeds.tuning_seed(0)``, never a reported seed. A
    KD-tuning variant (``sgd+greedy``) uses the lr tuned for its base, so the comparison isolates what
-   tuning (β, T) adds.
+   tuning (β, T) adds. ``--tune-kd-grid B:T,...``: the classic operators' fixed (β, T) is tuned too,
+   jointly with the lr (every lr × every pair, same seed and score), so a baseline runs at its best
+   fixed pair; the KD-tuning variants still start from ``--beta``/``--temperature``.
 3. Run every cell (operator × seed, seeds 0..N-1 within ``seeds.EVAL``) through
    :func:`l2o_kd.train.train`: the same initialization and data order per seed, the same teacher and
    number of steps for every operator. A cell's evaluation rows go to ``results.jsonl`` when it
@@ -113,7 +115,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     check_learned_operators(out, specs)
     specs = [materialize_variant(s, out) for s in specs]
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    lrs = tune_learning_rates(cfg, specs, splits, steps)
+    lrs, kds = tune_baselines(cfg, specs, splits, steps)
 
     done = {(r["operator"], r["seed"]) for r in read_results(out) if r.get("final")}
     cells = [(spec, seed) for seed in range(cfg.seeds) for spec in specs]
@@ -122,7 +124,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         if (spec.label, seed) in done:
             continue
         grid.set_postfix_str(f"{spec.label} seed {seed}")
-        run_cfg = _run_config(cfg, spec, seed, steps, lrs, out / "runs")
+        run_cfg = _run_config(cfg, spec, seed, steps, lrs, out / "runs", kd=kds.get(spec.base) if not (spec.tune_kd or spec.learned) else None)
         try:
             train(run_cfg, resume=True, splits=splits)
         except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the others
@@ -139,7 +141,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
 
     rows, labels = read_results(out), [s.label for s in specs]
     summary = summarize(rows, cfg.target, labels=labels)
-    summary["lrs"], summary["steps"] = lrs, steps
+    summary["lrs"], summary["kds"], summary["steps"] = lrs, kds, steps
     (out / SUMMARY).write_text(render_summary(summary, cfg))
     plot_comparison(out, rows, labels, *load_trajectories(out / "runs", rows, labels))
     return summary
@@ -154,10 +156,10 @@ def decisive_config(cfg: CompareConfig, specs: list[OperatorSpec], steps: int) -
     resolved run length ``steps`` and the teacher by content (resolved here, so a missing teacher
     fails before anything runs). Operators and seeds are left out (a rerun may add some), and so are
     the target, device, progress, output and trajectory points."""
-    wants_kd = cfg.beta > 0 or any(s.tune_kd or s.learned for s in specs)
+    wants_kd = cfg.beta > 0 or any(beta > 0 for beta, _ in cfg.kd_grid) or any(s.tune_kd or s.learned for s in specs)
     teacher = file_digest(teacher_path(cfg.teacher)) if wants_kd else None
-    decisive = {k: getattr(cfg, k) for k in (*DECISIVE, "hyper_jvp")}
-    return {**without_later_defaults(decisive, {"hyper_jvp": "exact"}), "steps": steps, "teacher": teacher}
+    decisive = {k: getattr(cfg, k) for k in (*DECISIVE, "hyper_jvp", "kd_grid")}
+    return {**without_later_defaults(decisive, {"hyper_jvp": "exact", "kd_grid": []}), "steps": steps, "teacher": teacher}
 
 
 def check_learned_operators(out: Path, specs: list[OperatorSpec]) -> None:
@@ -201,33 +203,40 @@ def lr_grid(base: str, n: int) -> list[float]:
     return [float(f"{DEFAULT_LR[base] * 10 ** (-1 + 2 * i / (n - 1)):.3g}") for i in range(n)]
 
 
-def tune_learning_rates(cfg: CompareConfig, specs: list[OperatorSpec], splits, steps: int) -> dict[str, float]:
-    """The lr of each classic base operator: fixed (``cfg.lrs``), default, or tuned on validation
-    with the student of :data:`TUNE_SEED`, a seed no cell reports."""
+def tune_baselines(cfg: CompareConfig, specs: list[OperatorSpec], splits, steps: int) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """The lr of each classic base operator (fixed by ``cfg.lrs``, default, or tuned) and, with
+    ``cfg.kd_grid``, its fixed (β, T): every candidate scored by validation accuracy after
+    ``tune_steps`` steps of the student of :data:`TUNE_SEED`, a seed no cell reports."""
     bases = sorted({s.base for s in specs if not s.learned})
     lrs = {b: cfg.lrs.get(b, DEFAULT_LR[b]) for b in bases}
-    to_tune = [b for b in bases if b not in cfg.lrs] if cfg.tune_lr else []
+    tune_lr = [b for b in bases if b not in cfg.lrs] if cfg.tune_lr else []
+    to_tune = bases if cfg.kd_grid else tune_lr
     if not to_tune:
-        return lrs
+        return lrs, {}
     path = Path(cfg.out) / TUNING
     scores = json.loads(path.read_text()) if path.exists() else {}
     tune_steps = min(cfg.tune_steps, steps)
-    grid = [(b, lr) for b in to_tune for lr in lr_grid(b, cfg.tune_lr)]
-    for base, lr in tqdm(grid, desc="tune lr", disable=not cfg.progress, dynamic_ncols=True):
-        key = f"{base}@{lr:g}"
-        if key not in scores:
-            spec = OperatorSpec(label=base, base=base)
-            run_cfg = _run_config(cfg, spec, TUNE_SEED, tune_steps, {base: lr}, Path(cfg.out) / "tune", evals=1, name=f"{base}-lr{lr:g}")
+    pairs = [tuple(p) for p in cfg.kd_grid] or [None]
+    candidates = {b: [(lr, kd) for lr in (lr_grid(b, cfg.tune_lr) if b in tune_lr else [lrs[b]]) for kd in pairs] for b in to_tune}
+    key = lambda base, lr, kd: f"{base}@{lr:g}" + ("" if kd is None else f"@{kd[0]:g},{kd[1]:g}")  # (older folders: lr only)
+    grid = [(b, lr, kd) for b in to_tune for lr, kd in candidates[b]]
+    for base, lr, kd in tqdm(grid, desc="tune baselines", disable=not cfg.progress, dynamic_ncols=True):
+        if key(base, lr, kd) not in scores:
+            name = f"{base}-lr{lr:g}" + ("" if kd is None else f"-b{kd[0]:g}-T{kd[1]:g}")
+            run_cfg = _run_config(cfg, OperatorSpec(label=base, base=base), TUNE_SEED, tune_steps, {base: lr}, Path(cfg.out) / "tune",
+                                  evals=1, name=name, kd=kd)
             try:
-                scores[key] = train(run_cfg, resume=True, splits=splits)["val_acc"]
+                scores[key(base, lr, kd)] = train(run_cfg, resume=True, splits=splits)["val_acc"]
             except Diverged:
-                scores[key] = 0.0  # a diverging lr is simply a bad one
+                scores[key(base, lr, kd)] = 0.0  # a diverging lr is simply a bad one
             path.write_text(json.dumps(scores, indent=2) + "\n")
+    kds = {}
     for base in to_tune:
-        grid_scores = {lr: scores[f"{base}@{lr:g}"] for lr in lr_grid(base, cfg.tune_lr)}
-        lrs[base] = max(grid_scores, key=grid_scores.get)
-    tqdm.write(f"compare: learning rates chosen on validation after {tune_steps} steps: {json.dumps(lrs)}")
-    return lrs
+        lrs[base], kd = max(candidates[base], key=lambda c: scores[key(base, *c)])
+        if kd is not None:
+            kds[base] = kd
+    tqdm.write(f"compare: chosen on validation after {tune_steps} steps: lrs {json.dumps(lrs)}" + (f", (beta, T) {json.dumps(kds)}" if kds else ""))
+    return lrs, kds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,6 +291,12 @@ def render_summary(summary: dict[str, Any], cfg: CompareConfig) -> str:
             f" (tuned on validation over {cfg.tune_lr} values, {min(cfg.tune_steps, summary['steps'])} steps, seed {TUNE_SEED})"
             if cfg.tune_lr
             else ""
+        )
+        + (
+            f"; the classic operators' fixed (β, T) {json.dumps(summary.get('kds', {}))}, chosen on validation from "
+            f"{len(cfg.kd_grid)} pairs jointly with the lr ({min(cfg.tune_steps, summary['steps'])} steps, seed {TUNE_SEED})"
+            if cfg.kd_grid
+            else ""
         ),
         "Peak memory: CUDA peak allocation on a GPU; on CPU the peak RSS of the compare process (shared by all cells run so far).",
         "",
@@ -315,15 +330,17 @@ def _run_config(
     runs_dir: Path,
     evals: int | None = None,
     name: str | None = None,
+    kd: tuple[float, float] | None = None,
 ) -> TrainConfig:
+    """The run of one cell (or tuning candidate); ``kd``: its fixed (β, T) instead of the folder's."""
     evals = evals or cfg.evals
     return TrainConfig(
         model=cfg.student,
         dataset=cfg.dataset,
         data_root=cfg.data_root,
         teacher=cfg.teacher,
-        beta=cfg.beta,
-        temperature=cfg.temperature,
+        beta=cfg.beta if kd is None else kd[0],
+        temperature=cfg.temperature if kd is None else kd[1],
         kd_form=cfg.kd_form,
         hyper_clip_mode=cfg.hyper_clip_mode,
         hyper_lookahead=cfg.hyper_lookahead,

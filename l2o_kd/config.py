@@ -183,6 +183,7 @@ class CompareConfig:
     lrs: dict[str, float] = field(default_factory=dict)  # fixed lrs per base operator (skip tuning it)
     tune_lr: int = 0  # grid size; 0: no tuning (DEFAULT_LR or --lr)
     tune_steps: int = 1000  # length of each tuning run (capped by the full run's length)
+    kd_grid: list[list[float]] = field(default_factory=list)  # [beta, T] pairs tuned jointly with each classic lr; []: beta, T fixed
     target: float | None = None  # test accuracy for "steps to target" [default: best classic final mean]
     evals: int = 20  # evaluation points per run (plus the initial one)
     trajectory_points: int = 50  # flattened-parameter snapshots per run, for the trajectory plot
@@ -201,6 +202,9 @@ class CompareConfig:
         check_choice("--hyper-jvp", self.hyper_jvp, HYPER_JVPS)
         if self.seeds < 1 or self.tune_lr < 0 or self.evals < 1:
             raise UserError("--seeds and --evals must be positive, --tune-lr non-negative")
+        for pair in self.kd_grid:
+            if len(pair) != 2 or not 0 <= pair[0] <= 1 or not pair[1] > 0:
+                raise UserError(f"--tune-kd-grid: each pair is BETA:T with 0 <= BETA <= 1 and T > 0, got {pair}")
         seed_ranges.check(range(self.seeds), "evaluation", "--seeds")
         for name, lr in self.lrs.items():
             if name not in CLASSIC or not lr > 0:

@@ -149,6 +149,35 @@ def test_tuning_picks_the_lr_best_on_validation_with_a_seed_no_cell_reports(tmp_
     assert f"seed {seeds.tuning_seed(0)})" in (tmp_path / "cmp" / "summary.md").read_text()
 
 
+def test_the_kd_grid_tunes_each_baselines_fixed_pair_with_its_lr_on_validation(tmp_path, teacher_ckpt, monkeypatch):
+    """--tune-kd-grid: every (lr, beta, T) candidate is a tuning run on the tuning seed; each classic cell runs
+    the candidate best on validation (not on test), and a KD-tuning variant keeps --beta/--temperature as its start."""
+    pairs = [[0.2, 2.0], [0.9, 8.0]]
+    grid = lr_grid("sgd", 2)
+    val = {(grid[0], 0.2): 0.3, (grid[0], 0.9): 0.5, (grid[1], 0.2): 0.7, (grid[1], 0.9): 0.1}  # best on val: lr grid[1], (0.2, 2)
+    calls, real_train = [], compare_mod.train
+
+    def tuning_faked(run_cfg, **kw):
+        calls.append((Path(run_cfg.runs_dir).name, run_cfg.seed))
+        if Path(run_cfg.runs_dir).name == "tune":
+            score = val[(run_cfg.lr, run_cfg.beta)]
+            return {"step": run_cfg.steps, "val_acc": score, "test_acc": 1 - score}
+        return real_train(run_cfg, **kw)
+
+    monkeypatch.setattr(compare_mod, "train", tuning_faked)
+    cfg = _cfg(tmp_path, teacher_ckpt, operators="sgd,sgd+greedy", seeds=1, steps=10, lrs={}, tune_lr=2, tune_steps=5, evals=1, kd_grid=pairs)
+    summary = compare(cfg)
+    assert sorted(seed for where, seed in calls if where == "tune") == [seeds.tuning_seed(0)] * 4
+    assert summary["lrs"] == {"sgd": grid[1]} and summary["kds"] == {"sgd": (0.2, 2.0)}
+    ran = {r["operator"]: json.loads((tmp_path / "cmp" / "runs" / f"{compare_mod._safe(r['operator'])}-s0" / "config.json").read_text())
+           for r in read_results(tmp_path / "cmp")}
+    assert (ran["sgd"]["beta"], ran["sgd"]["temperature"], ran["sgd"]["lr"]) == (0.2, 2.0, grid[1])
+    assert (ran["sgd+greedy"]["beta"], ran["sgd+greedy"]["temperature"]) == (cfg.beta, cfg.temperature)
+    assert "(β, T)" in (tmp_path / "cmp" / "summary.md").read_text()
+    with pytest.raises(UserError, match="BETA:T"):
+        _cfg(tmp_path, teacher_ckpt, kd_grid=[[1.5, 2.0]]).validate()
+
+
 def test_a_rerun_that_changes_the_decisive_configuration_is_refused(tmp_path, teacher_ckpt):
     teacher = tmp_path / "teacher.pt"
     shutil.copy(teacher_ckpt, teacher)
@@ -156,7 +185,7 @@ def test_a_rerun_that_changes_the_decisive_configuration_is_refused(tmp_path, te
     compare(_cfg(tmp_path, teacher_ckpt, **kw))
     results = tmp_path / "cmp" / "results.jsonl"
     before = results.read_bytes()
-    for key, value in (("steps", 12), ("beta", 0.3), ("lrs", {"sgd": 0.1}), ("student", "tiny_wide"), ("tune_lr", 2)):
+    for key, value in (("steps", 12), ("beta", 0.3), ("lrs", {"sgd": 0.1}), ("student", "tiny_wide"), ("tune_lr", 2), ("kd_grid", [[0.5, 4.0]])):
         with pytest.raises(UserError, match=f"another configuration: {key} is .* but was"):
             compare(_cfg(tmp_path, teacher_ckpt, **{**kw, key: value}))
     with open(teacher, "ab") as f:  # the same teacher path with other bytes
