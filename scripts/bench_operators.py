@@ -2,7 +2,9 @@
 
 For each student and operator: the median wall time of a full training step (KD loss forward,
 backward, operator step, including a hypergradient operator's extra passes) and of the operator
-step alone, over ``--repeats`` steps after 5 warm-up steps, on random data of batch ``--batch-size``;
+step alone, over ``--repeats`` rounds after 5 warm-up rounds, on random data of batch ``--batch-size``;
+a round takes one step of every operator in turn, and "step / Adam step" is the median over rounds of
+the ratio within the round (a machine whose speed drifts, as a shared one does, biases none of them);
 the size of the operator's state; and peak memory: on CUDA the peak allocated memory, on CPU the peak
 resident set of a fresh process that runs only that student and operator for 10 steps.
 
@@ -32,47 +34,61 @@ from l2o_kd.train import build_operator
 
 def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, device: str, memory: bool = True,
           hyper_jvp: str = TrainConfig.hyper_jvp) -> dict[str, dict]:
+    """The operators' steps *interleaved*: round r takes one step of every operator in turn, so a drift
+    of the machine's speed (other processes, clock) hits all of them alike; ``ratio`` is the median
+    over rounds of each operator's step time / the first operator's step time in the same round."""
     model = build_model(student, seed=0).to(device)
     g = torch.Generator().manual_seed(0)
     x, xv = (torch.randn(batch, 3, 32, 32, generator=g).to(device) for _ in range(2))
     y, yv = (torch.randint(10, (batch,), generator=g).to(device) for _ in range(2))
     teacher = torch.randn(batch, 10, generator=g).to(device)
-    out = {}
+    cells = []
     for spec in specs:
         op = build_operator(TrainConfig(operator=spec.base, lr=1e-3, tune_kd=spec.tune_kd, hyper_jvp=hyper_jvp), 350, 10_000, device)
         params, buffers = split_state(model)
-        state = op.init(params)
-        full, alone = [], []
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(device)
-        for i in range(repeats + 5):
-            _sync(device)
-            t0 = time.perf_counter()
-            ps = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-            kd = op.kd(state)
-            beta, temp = (kd.beta, kd.temperature) if kd else (0.5, 4.0)
-            logits = apply(model, ps, buffers, x, True)
-            loss = kd_loss(logits, teacher, y, beta, temp)
-            grads = dict(zip(ps, torch.autograd.grad(loss, list(ps.values()))))
-            ctx = StepContext(i, 10_000, loss.item(), float("nan"), float("nan"), logits=logits.detach())  # as the training step does
-            if op.needs_batches:
-                ctx.batches = Batches(model, buffers, x, y, teacher, lambda: (xv, yv))
-            _sync(device)
-            t1 = time.perf_counter()
-            with torch.no_grad():
-                params, state, _ = op.step({k: v.detach() for k, v in ps.items()}, grads, state, ctx)
-            _sync(device)
-            t2 = time.perf_counter()
-            if i >= 5:  # warm-up steps are not counted
-                full.append(t2 - t0)
-                alone.append(t2 - t1)
-        out[spec.label] = {
-            "step_ms": statistics.median(full) * 1e3,
-            "op_ms": statistics.median(alone) * 1e3,
-            "state_mib": _bytes(state) / 2**20,
-            "peak_mib": _peak_mib(device, student, spec, batch, hyper_jvp) if memory else float("nan"),
+        cells.append({"spec": spec, "op": op, "params": params, "buffers": buffers, "state": op.init(params), "full": [], "alone": []})
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(repeats + 5):
+        for cell in cells:
+            full, alone = _timed_step(cell, model, x, y, teacher, xv, yv, i, device)
+            if i >= 5:  # warm-up rounds are not counted
+                cell["full"].append(full)
+                cell["alone"].append(alone)
+    ref = cells[0]["full"]
+    return {
+        cell["spec"].label: {
+            "step_ms": statistics.median(cell["full"]) * 1e3,
+            "op_ms": statistics.median(cell["alone"]) * 1e3,
+            "ratio": statistics.median(a / b for a, b in zip(cell["full"], ref)),
+            "state_mib": _bytes(cell["state"]) / 2**20,
+            "peak_mib": _peak_mib(device, student, cell["spec"], batch, hyper_jvp) if memory else float("nan"),
         }
-    return out
+        for cell in cells
+    }
+
+
+def _timed_step(cell: dict, model, x, y, teacher, xv, yv, i: int, device: str) -> tuple[float, float]:
+    """One training step of the cell's operator: (full step seconds, operator step alone)."""
+    op, state = cell["op"], cell["state"]
+    _sync(device)
+    t0 = time.perf_counter()
+    ps = {k: v.detach().requires_grad_(True) for k, v in cell["params"].items()}
+    kd = op.kd(state)
+    beta, temp = (kd.beta, kd.temperature) if kd else (0.5, 4.0)
+    logits = apply(model, ps, cell["buffers"], x, True)
+    loss = kd_loss(logits, teacher, y, beta, temp)
+    grads = dict(zip(ps, torch.autograd.grad(loss, list(ps.values()))))
+    ctx = StepContext(i, 10_000, loss.item(), float("nan"), float("nan"), logits=logits.detach())  # as the training step does
+    if op.needs_batches:
+        ctx.batches = Batches(model, cell["buffers"], x, y, teacher, lambda: (xv, yv))
+    _sync(device)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        cell["params"], cell["state"], _ = op.step({k: v.detach() for k, v in ps.items()}, grads, state, ctx)
+    _sync(device)
+    t2 = time.perf_counter()
+    return t2 - t0, t2 - t1
 
 
 def _peak_mib(device: str, student: str, spec: OperatorSpec, batch: int, hyper_jvp: str) -> float:
@@ -128,13 +144,13 @@ def main() -> None:
         hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
         print(int(hwm.split()[1]) / 1024)
         return
-    specs = [OperatorSpec.parse(s) for s in args.operators.split(",")]
-    if "adam" not in [s.label for s in specs]:
-        specs.insert(0, OperatorSpec.parse("adam"))  # the reference
+    specs = [OperatorSpec.parse(s) for s in args.operators.split(",") if s != "adam"]
+    specs.insert(0, OperatorSpec.parse("adam"))  # the reference, first in every round
     lines = [
         f"Step cost, {datetime.date.today()}: `python scripts/bench_operators.py --threads {args.threads} --device {args.device} --hyper-jvp {args.hyper_jvp}`; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"batch {args.batch_size}, median of {args.repeats} steps after 5 warm-up steps, random data; peak MiB: "
+        f"batch {args.batch_size}, median of {args.repeats} interleaved rounds after 5 warm-up rounds (ratio: median of the per-round ratios), "
+        f"random data; peak MiB: "
         + (
             "CUDA peak allocation."
             if args.device.startswith("cuda")
@@ -149,7 +165,7 @@ def main() -> None:
         res = bench(student, specs, args.batch_size, args.repeats, args.device, hyper_jvp=args.hyper_jvp)
         for label, r in res.items():
             line = (
-                f"| {student} | {label} | {r['step_ms']:.2f} | {r['op_ms']:.2f} | {r['step_ms'] / res['adam']['step_ms']:.2f}x | "
+                f"| {student} | {label} | {r['step_ms']:.2f} | {r['op_ms']:.2f} | {r['ratio']:.2f}x | "
                 f"{r['state_mib']:.2f} | {r['peak_mib']:.0f} |"
             )
             lines.append(line)
