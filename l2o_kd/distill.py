@@ -88,7 +88,8 @@ def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second
     Built in logit space with one backward pass: ``g = J_s^T [(1-beta) dCE/ds + beta dKD/ds]`` with
     ``dCE/ds = (softmax(s) - onehot(y)) / n`` and, for the KD term, ``d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T)) / n``
     (hinton) or ``d KL/ds = (softmax(s/T) - softmax(t/T)) / (n T)`` (paper). First order (the default),
-    ``J_s`` is taken at detached weights. Returns (grads, ce, kd) with the two loss terms as floats.
+    ``J_s`` is taken at detached weights. Returns (grads, ce, kd) with the two loss terms as floats; the
+    gradients are contiguous, as :func:`l2o_kd.step.gradient` returns them.
     """
     if second_order:
         w = {k: v if v.requires_grad else v.requires_grad_(True) for k, v in params.items()}
@@ -99,4 +100,4 @@ def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second
         ce, kd = F.cross_entropy(s, y), kd_term(s, teacher, temperature, kd_form)
     delta = kd_logit_gradient(s if second_order else s.detach(), teacher, y, beta, temperature, kd_form)
     grads = torch.autograd.grad(s, list(w.values()), grad_outputs=delta, create_graph=True)
-    return dict(zip(w, grads)), float(ce), float(kd)
+    return {k: g.contiguous() for k, g in zip(w, grads)}, float(ce), float(kd)

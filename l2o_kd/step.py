@@ -55,7 +55,9 @@ def gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, tempe
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = apply(model, w, buffers, x, train=True).float()
         terms = kd_terms(logits, t_logits, y, beta, temperature, kd_form)
-        grads = dict(zip(w, torch.autograd.grad(terms.total, list(w.values()))))
+        # contiguous: a conv weight's gradient comes back channels-last (models.MEMORY_FORMAT), and an
+        # operator that followed it would hand the convolutions weights in another layout (a slower path)
+        grads = {k: g.contiguous() for k, g in zip(w, torch.autograd.grad(terms.total, list(w.values())))}
     stats = torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach()
     return grads, stats, logits.detach()
 

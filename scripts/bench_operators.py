@@ -25,10 +25,10 @@ import torch
 
 from l2o_kd.compare import OperatorSpec
 from l2o_kd.config import HYPER_JVPS, TrainConfig
-from l2o_kd.distill import kd_loss
 from l2o_kd.hypergrad import Batches
-from l2o_kd.models import apply, build_model, split_state
+from l2o_kd.models import build_model, split_state
 from l2o_kd.operators import StepContext
+from l2o_kd.step import gradient
 from l2o_kd.train import build_operator
 
 
@@ -36,7 +36,8 @@ def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, dev
           hyper_jvp: str = TrainConfig.hyper_jvp) -> dict[str, dict]:
     """The operators' steps *interleaved*: round r takes one step of every operator in turn, so a drift
     of the machine's speed (other processes, clock) hits all of them alike; ``ratio`` is the median
-    over rounds of each operator's step time / the first operator's step time in the same round."""
+    over rounds of each operator's step time / the first operator's step time in the same round
+    (``ratio_sgd``: / SGD's, when an ``sgd`` cell is among them)."""
     model = build_model(student, seed=0).to(device)
     g = torch.Generator().manual_seed(0)
     x, xv = (torch.randn(batch, 3, 32, 32, generator=g).to(device) for _ in range(2))
@@ -56,11 +57,13 @@ def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, dev
                 cell["full"].append(full)
                 cell["alone"].append(alone)
     ref = cells[0]["full"]
+    sgd = next((c["full"] for c in cells if c["spec"].label == "sgd"), None)
     return {
         cell["spec"].label: {
             "step_ms": statistics.median(cell["full"]) * 1e3,
             "op_ms": statistics.median(cell["alone"]) * 1e3,
             "ratio": statistics.median(a / b for a, b in zip(cell["full"], ref)),
+            "ratio_sgd": statistics.median(a / b for a, b in zip(cell["full"], sgd)) if sgd else float("nan"),
             "state_mib": _bytes(cell["state"]) / 2**20,
             "peak_mib": _peak_mib(device, student, cell["spec"], batch, hyper_jvp) if memory else float("nan"),
         }
@@ -73,19 +76,16 @@ def _timed_step(cell: dict, model, x, y, teacher, xv, yv, i: int, device: str) -
     op, state = cell["op"], cell["state"]
     _sync(device)
     t0 = time.perf_counter()
-    ps = {k: v.detach().requires_grad_(True) for k, v in cell["params"].items()}
     kd = op.kd(state)
     beta, temp = (kd.beta, kd.temperature) if kd else (0.5, 4.0)
-    logits = apply(model, ps, cell["buffers"], x, True)
-    loss = kd_loss(logits, teacher, y, beta, temp)
-    grads = dict(zip(ps, torch.autograd.grad(loss, list(ps.values()))))
-    ctx = StepContext(i, 10_000, loss.item(), float("nan"), float("nan"), logits=logits.detach())  # as the training step does
+    grads, stats, logits = gradient(model, cell["params"], cell["buffers"], x, y, teacher, beta, temp, TrainConfig.kd_form)  # the training step's
+    ctx = StepContext(i, 10_000, stats[0].item(), float("nan"), float("nan"), logits=logits)  # as the training step does
     if op.needs_batches:
         ctx.batches = Batches(model, cell["buffers"], x, y, teacher, lambda: (xv, yv))
     _sync(device)
     t1 = time.perf_counter()
     with torch.no_grad():
-        cell["params"], cell["state"], _ = op.step({k: v.detach() for k, v in ps.items()}, grads, state, ctx)
+        cell["params"], cell["state"], _ = op.step(cell["params"], grads, state, ctx)
     _sync(device)
     t2 = time.perf_counter()
     return t2 - t0, t2 - t1
@@ -157,15 +157,15 @@ def main() -> None:
             else "peak RSS of a fresh process running only that cell (torch's own ~300 MiB included)."
         ),
         "",
-        "| student | operator | step ms | operator ms | step / Adam step | operator state MiB | peak MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| student | operator | step ms | operator ms | step / Adam step | step / SGD step | operator state MiB | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for student in args.students.split(","):
         res = bench(student, specs, args.batch_size, args.repeats, args.device, hyper_jvp=args.hyper_jvp)
         for label, r in res.items():
             line = (
-                f"| {student} | {label} | {r['step_ms']:.2f} | {r['op_ms']:.2f} | {r['ratio']:.2f}x | "
+                f"| {student} | {label} | {r['step_ms']:.2f} | {r['op_ms']:.2f} | {r['ratio']:.2f}x | {r['ratio_sgd']:.2f}x | "
                 f"{r['state_mib']:.2f} | {r['peak_mib']:.0f} |"
             )
             lines.append(line)
