@@ -41,7 +41,7 @@ def training_options(f):
         click.option("--batch-size", type=int, default=T.batch_size, show_default=True),
         click.option("--seed", type=int, default=T.seed, show_default=True),
         click.option("--device", default=T.device, show_default=True, help="cpu | cuda"),
-        click.option("--channels-last", is_flag=True, help="channels_last memory format (faster convolutions on CPU)."),
+        click.option("--channels-last", is_flag=True, help="Keep the weights channels-last too (activations always are, l2o_kd/models.py)."),
         click.option("--amp", is_flag=True, help="bf16 autocast for the student's forward/backward (GPUs with bf16; works on CPU)."),
         click.option("--eval-every", type=int, default=None, help="Steps between evaluations and checkpoints [default: one epoch]."),
         click.option("--runs-dir", default=T.runs_dir, show_default=True),

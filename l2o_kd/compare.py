@@ -8,7 +8,8 @@
    KD-tuning variant (``sgd+greedy``) uses the lr tuned for its base, so the comparison isolates what
    tuning (β, T) adds. ``--tune-kd-grid B:T,...``: the classic operators' fixed (β, T) is tuned too,
    jointly with the lr (every lr × every pair, same seed and score), so a baseline runs at its best
-   fixed pair; the KD-tuning variants still start from ``--beta``/``--temperature``.
+   fixed pair; the KD-tuning variants still start from ``--beta``/``--temperature``, with the lr their
+   base was tuned with (at the base's best pair).
 3. Run every cell (operator × seed, seeds 0..N-1 within ``seeds.EVAL``) through
    :func:`l2o_kd.train.train`: the same initialization and data order per seed, the same teacher and
    number of steps for every operator. A cell's evaluation rows go to ``results.jsonl`` when it
@@ -284,7 +285,7 @@ def render_summary(summary: dict[str, Any], cfg: CompareConfig) -> str:
     target = summary["target"]
     lines = [
         f"# compare: {cfg.student} on {cfg.dataset}, {summary['steps']} steps, batch {cfg.batch_size}, "
-        f"KD β={cfg.beta:g} T={cfg.temperature:g}",
+        f"KD β={cfg.beta:g} T={cfg.temperature:g}" + (" (the classic operators': tuned, below)" if cfg.kd_grid else ""),
         "",
         f"Seeds 0..{cfg.seeds - 1}; learning rates {json.dumps(summary['lrs'])}, schedule {cfg.schedule}"
         + (
@@ -294,7 +295,8 @@ def render_summary(summary: dict[str, Any], cfg: CompareConfig) -> str:
         )
         + (
             f"; the classic operators' fixed (β, T) {json.dumps(summary.get('kds', {}))}, chosen on validation from "
-            f"{len(cfg.kd_grid)} pairs jointly with the lr ({min(cfg.tune_steps, summary['steps'])} steps, seed {TUNE_SEED})"
+            f"{len(cfg.kd_grid)} pairs {'jointly with the lr' if cfg.tune_lr else 'at the lr above'} "
+            f"({min(cfg.tune_steps, summary['steps'])} steps, seed {TUNE_SEED})"
             if cfg.kd_grid
             else ""
         ),

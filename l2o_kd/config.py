@@ -6,6 +6,7 @@ This module imports no torch, so ``l2o-kd --help`` stays fast; ``validate`` impo
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,7 +31,8 @@ def check_choice(flag: str, value: str, choices) -> None:
 def without_later_defaults(d: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
     """``d`` without the fields added after runs were first saved (``later``: name -> the default the
     older runs implicitly had) where they hold that default, so that older runs' fingerprints still match."""
-    return {k: v for k, v in d.items() if not (k in later and v == later[k])}
+    same = lambda a, b: json.dumps(a, default=str) == json.dumps(b, default=str)  # as fingerprints compare (a tuple is a list)
+    return {k: v for k, v in d.items() if not (k in later and same(v, later[k]))}
 
 
 def parse_seeds(text: str, flag: str) -> list[int]:
@@ -203,8 +205,8 @@ class CompareConfig:
         if self.seeds < 1 or self.tune_lr < 0 or self.evals < 1:
             raise UserError("--seeds and --evals must be positive, --tune-lr non-negative")
         for pair in self.kd_grid:
-            if len(pair) != 2 or not 0 <= pair[0] <= 1 or not pair[1] > 0:
-                raise UserError(f"--tune-kd-grid: each pair is BETA:T with 0 <= BETA <= 1 and T > 0, got {pair}")
+            if len(pair) != 2 or not 0 <= pair[0] <= 1 or not 0 < pair[1] < float("inf"):
+                raise UserError(f"--tune-kd-grid: each pair is BETA:T with 0 <= BETA <= 1 and 0 < T < inf, got {pair}")
         seed_ranges.check(range(self.seeds), "evaluation", "--seeds")
         for name, lr in self.lrs.items():
             if name not in CLASSIC or not lr > 0:

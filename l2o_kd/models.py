@@ -8,8 +8,9 @@
 * ``small``: padded convs 32/64/128, global pooling, FC 128 -> 10 (about 95k parameters).
 
 Every model runs its convolutions on channels-last activations (:data:`MEMORY_FORMAT`): the same
-function, 1.2-1.5x faster forward and backward on a 2-core CPU (max-pooling alone 3-10x), measured in
-docs/RESULTS.md. Only the float rounding differs from channels-first (~1e-6 relative in the logits).
+function, on a 2-core CPU forward passes 1.3-2.0x and forward+backward 1.0-1.4x faster (max-pooling alone
+3-10x), measured in docs/RESULTS.md. Only the float rounding differs from channels-first (~1e-6 relative
+in the logits; teacher logits cached by an older version were computed channels-first).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .distill import kd_gradient, kd_terms
+from .distill import kd_gradient, kd_terms, like_param
 from .errors import Diverged
 from .models import apply
 from .operators import Operator, StepContext
@@ -55,9 +55,7 @@ def gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, tempe
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = apply(model, w, buffers, x, train=True).float()
         terms = kd_terms(logits, t_logits, y, beta, temperature, kd_form)
-        # contiguous: a conv weight's gradient comes back channels-last (models.MEMORY_FORMAT), and an
-        # operator that followed it would hand the convolutions weights in another layout (a slower path)
-        grads = {k: g.contiguous() for k, g in zip(w, torch.autograd.grad(terms.total, list(w.values())))}
+        grads = {k: like_param(g, w[k]) for k, g in zip(w, torch.autograd.grad(terms.total, list(w.values())))}
     stats = torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach()
     return grads, stats, logits.detach()
 
@@ -84,7 +82,7 @@ def training_step(operator: Operator, model, params: Params, buffers: Params, st
     loss, ce, kd_value, _ = stats.tolist()
     if raise_on_nan and not math.isfinite(loss):
         raise Diverged(step, "training loss")
-    # this shard's full-precision logits: a hypergradient may reuse them
+    # the full-precision logits of this batch at these weights: a hypergradient may reuse them
     ctx = StepContext(step, total_steps, loss, ce, kd_value, batches, logits if not amp and reduce is None else None)
     with torch.set_grad_enabled(differentiable):
         current = params if differentiable else {k: p.detach() for k, p in params.items()}

@@ -5,8 +5,8 @@ backward, operator step, including a hypergradient operator's extra passes) and 
 step alone, over ``--repeats`` rounds after 5 warm-up rounds, on random data of batch ``--batch-size``;
 a round takes one step of every operator in turn, and "step / Adam step" is the median over rounds of
 the ratio within the round (a machine whose speed drifts, as a shared one does, biases none of them);
-the size of the operator's state; and peak memory: on CUDA the peak allocated memory, on CPU the peak
-resident set of a fresh process that runs only that student and operator for 10 steps.
+the size of the operator's state; and peak memory of a fresh process that runs only that student and
+operator for 10 steps: on CUDA its peak allocated memory, on CPU its peak resident set.
 
     python scripts/bench_operators.py [--operators sgd,adam,sgd+greedy,ckpt:checkpoints/operator-lstm.pt] \
         [--students tiny,small,resnet8] [--threads 2] [--device cpu] [--append docs/RESULTS.md]
@@ -48,8 +48,6 @@ def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, dev
         op = build_operator(TrainConfig(operator=spec.base, lr=1e-3, tune_kd=spec.tune_kd, hyper_jvp=hyper_jvp), 350, 10_000, device)
         params, buffers = split_state(model)
         cells.append({"spec": spec, "op": op, "params": params, "buffers": buffers, "state": op.init(params), "full": [], "alone": []})
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
     for i in range(repeats + 5):
         for cell in cells:
             full, alone = _timed_step(cell, model, x, y, teacher, xv, yv, i, device)
@@ -92,17 +90,15 @@ def _timed_step(cell: dict, model, x, y, teacher, xv, yv, i: int, device: str) -
 
 
 def _peak_mib(device: str, student: str, spec: OperatorSpec, batch: int, hyper_jvp: str) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else _peak_rss_alone(student, spec, batch, hyper_jvp)
-
-
-def _peak_rss_alone(student: str, spec: OperatorSpec, batch: int, hyper_jvp: str) -> float:
-    """Peak RSS (MiB) of a fresh process running 10 steps of ``student`` with ``spec`` on CPU."""
+    """Peak memory (MiB) of a fresh process running 10 steps of ``student`` with ``spec`` alone: the peak
+    CUDA allocation on a GPU, the peak resident set on CPU."""
     import subprocess
     import sys
 
     arg = spec.base if spec.learned else spec.label
     res = subprocess.run(
-        [sys.executable, __file__, "--peak-rss-of", f"{student}:{arg}", "--batch-size", str(batch), "--threads", "1", "--hyper-jvp", hyper_jvp],
+        [sys.executable, __file__, "--peak-of", f"{student}:{arg}", "--batch-size", str(batch), "--threads", "1", "--hyper-jvp", hyper_jvp,
+         "--device", device],
         capture_output=True,
         text=True,
         check=True,
@@ -133,16 +129,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hyper-jvp", choices=HYPER_JVPS, default=TrainConfig.hyper_jvp, help="how greedy operators form J a")
     ap.add_argument("--append", default=None, help="also append the table to this markdown file (e.g. docs/RESULTS.md)")
-    ap.add_argument("--peak-rss-of", default=None, help=argparse.SUPPRESS)  # STUDENT:OPERATOR, internal: one cell in a fresh process
+    ap.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # STUDENT:OPERATOR, internal: one cell in a fresh process
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.peak_rss_of:
-        student, spec = args.peak_rss_of.split(":", 1)
-        bench(student, [OperatorSpec.parse(spec)], args.batch_size, repeats=5, device="cpu", memory=False, hyper_jvp=args.hyper_jvp)
-        # VmHWM, not getrusage: Linux carries the parent's peak into ru_maxrss across fork + exec
-        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
-        print(int(hwm.split()[1]) / 1024)
+    if args.peak_of:
+        student, spec = args.peak_of.split(":", 1)
+        bench(student, [OperatorSpec.parse(spec)], args.batch_size, repeats=5, device=args.device, memory=False, hyper_jvp=args.hyper_jvp)
+        if args.device.startswith("cuda"):
+            print(torch.cuda.max_memory_allocated(args.device) / 2**20)
+        else:  # VmHWM, not getrusage: Linux carries the parent's peak into ru_maxrss across fork + exec
+            hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+            print(int(hwm.split()[1]) / 1024)
         return
     specs = [OperatorSpec.parse(s) for s in args.operators.split(",") if s != "adam"]
     specs.insert(0, OperatorSpec.parse("adam"))  # the reference, first in every round
@@ -152,7 +150,7 @@ def main() -> None:
         f"batch {args.batch_size}, median of {args.repeats} interleaved rounds after 5 warm-up rounds (ratio: median of the per-round ratios), "
         f"random data; peak MiB: "
         + (
-            "CUDA peak allocation."
+            "CUDA peak allocation of a fresh process running only that cell."
             if args.device.startswith("cuda")
             else "peak RSS of a fresh process running only that cell (torch's own ~300 MiB included)."
         ),

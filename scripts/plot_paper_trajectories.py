@@ -1,6 +1,7 @@
 """The (beta_t, T_t) trajectories of the hypergradient rows of ``scripts/reproduce_paper.py``: one
 column per method (greedy, extrapolate), beta and T against the step, one line per draw (seed), its
-start (the draw) marked. Reads every finished ``METHOD-sSEED`` run under ``--runs`` and writes the
+start (the draw) marked. Reads every ``METHOD-sSEED`` run under ``--runs`` whose metrics hold beta and T
+(an unfinished run shows as far as it got) and writes the
 figure and the points behind it (``trajectories.jsonl``: run, step, beta, temperature, test_acc).
 
     python scripts/plot_paper_trajectories.py --runs results/paper-protocol --out docs/paper-protocol
@@ -24,9 +25,9 @@ def trajectories(runs: Path) -> dict[str, dict[int, list[dict]]]:
     found: dict[str, dict[int, list[dict]]] = {}
     for folder in sorted(runs.iterdir()):
         m = re.fullmatch(r"(\w+)-s(\d+)", folder.name)
-        if not m or m.group(1) not in METHODS or not (folder / "metrics.jsonl").exists():
+        if not m or m.group(1) not in METHODS or not (folder / "metrics.jsonl").exists() or not (folder / "config.json").exists():
             continue
-        rows = [r for r in read_metrics(folder) if "beta" in r and "temperature" in r]
+        rows = [r for r in read_metrics(folder) if r["step"] > 0 and "beta" in r and "temperature" in r]
         if rows:
             cfg = json.loads((folder / "config.json").read_text())
             start = {"step": 0, "beta": cfg["beta"], "temperature": cfg["temperature"]}

@@ -1,6 +1,7 @@
 """One training step: deploy and meta-training take the same step, and a population of particles is
 the same as its particles run one by one."""
 
+import copy
 import itertools
 
 import pytest
@@ -59,7 +60,7 @@ def test_meta_training_episodes_take_the_step_deploy_takes(tmp_path, teacher_ckp
     x = ep.val_loader.batch_at(0, SEED).x
     outputs = lambda e: apply(e.model, e.params, frozen(e.buffers), x, train=True).detach()
     while not ep.done:
-        tb = Episode.restore({k: v for k, v in ep.snapshot().items()}, splits, logits, op, cfg, (ep.train_loader, ep.val_loader))
+        tb = Episode.restore(copy.deepcopy(ep.snapshot()), splits, logits, op, cfg, (ep.train_loader, ep.val_loader))  # independent tensors
         before = outputs(ep)
         train_step(op, tb, differentiable=True)
         with torch.no_grad():
