@@ -222,14 +222,15 @@ def tune_baselines(cfg: CompareConfig, specs: list[OperatorSpec], splits, steps:
     key = lambda base, lr, kd: f"{base}@{lr:g}" + ("" if kd is None else f"@{kd[0]:g},{kd[1]:g}")  # (older folders: lr only)
     grid = [(b, lr, kd) for b in to_tune for lr, kd in candidates[b]]
     for base, lr, kd in tqdm(grid, desc="tune baselines", disable=not cfg.progress, dynamic_ncols=True):
-        if key(base, lr, kd) not in scores:
+        k = key(base, lr, kd)
+        if k not in scores:
             name = f"{base}-lr{lr:g}" + ("" if kd is None else f"-b{kd[0]:g}-T{kd[1]:g}")
             run_cfg = _run_config(cfg, OperatorSpec(label=base, base=base), TUNE_SEED, tune_steps, {base: lr}, Path(cfg.out) / "tune",
                                   evals=1, name=name, kd=kd)
             try:
-                scores[key(base, lr, kd)] = train(run_cfg, resume=True, splits=splits)["val_acc"]
+                scores[k] = train(run_cfg, resume=True, splits=splits)["val_acc"]
             except Diverged:
-                scores[key(base, lr, kd)] = 0.0  # a diverging lr is simply a bad one
+                scores[k] = 0.0  # a diverging lr is simply a bad one
             path.write_text(json.dumps(scores, indent=2) + "\n")
     kds = {}
     for base in to_tune:

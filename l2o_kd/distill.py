@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import KD_FORMS, TrainConfig, check_choice
-from .models import apply, frozen
+from .models import apply, frozen, like_param
 
 
 def _kl_weights(temperature, kd_form: str):
@@ -89,7 +89,7 @@ def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second
     ``dCE/ds = (softmax(s) - onehot(y)) / n`` and, for the KD term, ``d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T)) / n``
     (hinton) or ``d KL/ds = (softmax(s/T) - softmax(t/T)) / (n T)`` (paper). First order (the default),
     ``J_s`` is taken at detached weights. Returns (grads, ce, kd) with the two loss terms as floats; the
-    gradients in their parameters' layout (:func:`like_param`), as :func:`l2o_kd.step.gradient` returns them.
+    gradients in their parameters' layout (:func:`l2o_kd.models.like_param`), as :func:`l2o_kd.step.gradient` returns them.
     """
     if second_order:
         w = {k: v if v.requires_grad else v.requires_grad_(True) for k, v in params.items()}
@@ -101,10 +101,3 @@ def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second
     delta = kd_logit_gradient(s if second_order else s.detach(), teacher, y, beta, temperature, kd_form)
     grads = torch.autograd.grad(s, list(w.values()), grad_outputs=delta, create_graph=True)
     return {k: like_param(g, w[k]) for k, g in zip(w, grads)}, float(ce), float(kd)
-
-
-def like_param(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``g`` in the memory layout of its parameter ``p``. A conv weight's gradient comes back channels-last
-    (activations are, ``models.MEMORY_FORMAT``); an operator that followed it would hand the convolutions
-    weights in another layout than the model's, a slower path that differs by operator."""
-    return g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)

@@ -139,6 +139,13 @@ def apply(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, tr
     return functional_call(model, (params, buffers), (x,), tie_weights=False, strict=True)
 
 
+def like_param(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``g`` in the memory layout of its parameter ``p``. A conv weight's gradient comes back channels-last
+    (activations are, :data:`MEMORY_FORMAT`); an operator that followed it would hand the convolutions
+    weights in another layout than the model's, a slower path that differs by operator."""
+    return g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+
+
 def frozen(buffers: Params) -> Params:
     """Copies of BatchNorm buffers for an extra train-mode forward pass (a validation batch, a
     replayed step): it normalizes with batch statistics and leaves the real running statistics alone."""

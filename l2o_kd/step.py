@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from .distill import kd_gradient, kd_terms, like_param
+from .distill import kd_gradient, kd_terms
 from .errors import Diverged
-from .models import apply
+from .models import apply, like_param
 from .operators import Operator, StepContext
 
 Params = dict[str, torch.Tensor]
