@@ -211,8 +211,8 @@ def search(method, trials, retrain_seeds, out, **kw):
 @click.option("--es-objective", type=click.Choice(ES_OBJECTIVES), default=M.es_objective, show_default=True,
               help="es, pes: validation cross-entropy or error rate.")
 @click.option("--es-params", type=click.Choice(list(ES_PARAMS)), default=M.es_params, show_default=True,
-              help="es, pes: perturb all operator weights, only the output layers, the per-coordinate MLP with the head's output layer "
-                   "and slopes (--per-coordinate mlp), the output biases, the global head's 3 biases, or those 3 and their slopes "
+              help="Meta-train (es, pes: perturb) all operator weights, only the output layers, the per-coordinate MLP with the head's output layer "
+                   "and slopes (--per-coordinate mlp), that MLP alone (coord), the output biases, the global head's 3 biases, or those 3 and their slopes "
                    "in progress (fewer dimensions, less variance).")
 @click.option("--hidden", type=int, default=M.hidden, show_default=True)
 @click.option("--base-scale", type=float, default=M.base_scale, show_default=True)

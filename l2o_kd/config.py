@@ -238,10 +238,11 @@ PER_COORDINATE = {  # the learned operator's per-coordinate part (l2o_kd/operato
     "mlp": "an LSTM per tensor, a small MLP per coordinate (VeLO's hierarchy)",
 }
 
-ES_PARAMS = {  # which operator weights --es-params perturbs (the rest stay at their initialization)
+ES_PARAMS = {  # which operator weights --es-params meta-trains, by any method (the rest stay at their initialization)
     "all": ("",),
     "readout": ("coord_out.", "head.2."),  # the output layers, reading a fixed random LSTM
-    "coord-mlp": ("coord_in.", "coord_out.", "head.2.", "schedule."),  # --per-coordinate mlp: the per-coordinate MLP, the head's read-out and slopes
+    "coord-mlp": ("coord_in.", "coord_out.", "head.2.", "schedule."),
+    "coord": ("coord_in.", "coord_out."),  # --per-coordinate mlp: the per-coordinate MLP only (the shape of each tensor's update)  # --per-coordinate mlp: the per-coordinate MLP, the head's read-out and slopes
     "bias": ("coord_out.bias", "head.2.bias"),  # the output biases: base beta, T, step scale, step magnitude, drift
     "head-bias": ("head.2.bias",),  # the global head's biases: base beta, T and step scale
     "schedule": ("head.2.bias", "schedule."),  # those biases and their slopes in progress t/T
@@ -268,7 +269,7 @@ class MetaConfig:
     pairs: int = 1  # the population per meta-step and rank: es/pes antithetic pairs, tbptt episodes
     es_eval: int = 2000  # es, pes: validation images of the objective
     es_objective: str = "ce"  # es, pes: validation "ce" or "error" (ES needs no gradient of it)
-    es_params: str = "all"  # es: a key of ES_PARAMS
+    es_params: str = "all"  # a key of ES_PARAMS: the meta-trained weights (es and pes perturb only those)
     hidden: int = 20
     base_scale: float = 1e-3
     normalize_update: bool = False  # a fresh operator's LSTMOperatorConfig.normalize_update (unit-RMS update shape per tensor)

@@ -91,12 +91,15 @@ class TruncationSchedule:
 
 class GradientEstimator(ABC):
     """``estimate(net, progress)`` -> (gradient per parameter of ``net``, stats), or (None, stats) when
-    it is not finite (the caller skips the meta-step; the particles involved were restarted)."""
+    it is not finite (the caller skips the meta-step; the particles involved were restarted).
+    ``trained(name)`` selects the meta-trained weights; the others get a zero estimate."""
 
     name = "estimator"
 
-    def __init__(self, task: Task, schedule: TruncationSchedule, next_key: Callable[[], int], population: int = 1):
+    def __init__(self, task: Task, schedule: TruncationSchedule, next_key: Callable[[], int], population: int = 1,
+                 trained: Callable[[str], bool] = lambda name: True):
         self.task, self.schedule, self.next_key, self.population = task, schedule, next_key, population
+        self.trained = trained
 
     @abstractmethod
     def estimate(self, net: nn.Module, progress: float) -> tuple[list[torch.Tensor] | None, dict[str, float]]: ...
@@ -126,12 +129,14 @@ class TBPTT(GradientEstimator):
         self.particles = [p for p in self.particles if not p.done]
         while len(self.particles) < self.population:
             self.particles.append(self.task.new_particle(self.next_key(), self.schedule.length(progress)))
-        params = list(net.parameters())
-        total, losses, rows = [torch.zeros_like(p) for p in params], [], []
+        named = list(net.named_parameters())
+        params = [p for name, p in named if self.trained(name)]
+        total, losses, rows = [torch.zeros_like(p) for _, p in named], [], []
         for i, particle in enumerate(self.particles):
             loss = self.task.unroll(net, particle, self.schedule.steps(particle))
-            grads = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            grads = iter(torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params))
+            grads = [(next(grads) if self.trained(name) else None) for name, _ in named]
+            grads = [torch.zeros_like(p) if g is None else g for (_, p), g in zip(named, grads)]
             self.task.detach(particle)
             if not (math.isfinite(loss.item()) and all(bool(torch.isfinite(g).all()) for g in grads)):
                 self.particles[i] = self.task.new_particle(self.next_key(), self.schedule.length(progress))
@@ -159,15 +164,15 @@ def perturbed(net: nn.Module, eps: list[torch.Tensor], scale: float) -> nn.Modul
 
 
 class PES(GradientEstimator):
-    """Persistent evolution strategies over ``population`` antithetic pairs (see the module docstring).
-    ``trained(name)`` selects the perturbed weights (the others get a zero estimate)."""
+    """Persistent evolution strategies over ``population`` antithetic pairs (see the module docstring);
+    only the ``trained`` weights are perturbed."""
 
     name = "pes"
 
     def __init__(self, task, schedule, next_key, population: int = 1, *, sigma: float, noise_seed: int,
                  trained: Callable[[str], bool] = lambda name: True):
-        super().__init__(task, schedule, next_key, population)
-        self.sigma, self.noise_seed, self.trained = sigma, noise_seed, trained
+        super().__init__(task, schedule, next_key, population, trained)
+        self.sigma, self.noise_seed = sigma, noise_seed
         self.pairs: list[dict] = []  # {"key", "plus", "minus", "xi", "truncation"}
 
     def noise(self, net: nn.Module, key: int, truncation: int) -> list[torch.Tensor]:

@@ -149,7 +149,6 @@ class HyperKD(Operator):
     def step(self, params: Params, grads: Params, state: State, ctx: StepContext):
         b: Batches = ctx.batches
         h, fit, nxt = state["h"], state["fit"], ctx.step + 1
-        new_params, inner_state, info = self.inner.step(params, grads, state["inner"], ctx)
         window = state["window"]
         if self.method == "unrolled":
             entry = {"params": params, "inner": state["inner"], "x": b.x, "y": b.y, "t": b.teacher, "h": h, "step": ctx.step}
@@ -162,14 +161,20 @@ class HyperKD(Operator):
             following, at = nxt % cycle >= self.greedy_len, nxt % cycle
         else:
             following, at = self.method == "extrapolate" and ctx.step >= self.switch, nxt
+        hyper = not following and nxt % self.every == 0 and (self.method != "unrolled" or len(window) == self.unroll)
+        dh = None
+        with torch.enable_grad():
+            if hyper and self.method == "unrolled":
+                dh = self.unrolled_hypergradient(window, b, ctx)
+            elif hyper:
+                dh, lookahead = self.greedy_hypergradient(h, params, grads, state["inner"], b, ctx)
+        if hyper and self.method != "unrolled" and self.base_lr_inner is None:
+            new_params, inner_state, info = lookahead  # the look-ahead step is this step: taken once
+        else:
+            new_params, inner_state, info = self.inner.step(params, grads, state["inner"], ctx)
         if following:
             h = project(line_at(fit, at).to(h))
-        elif nxt % self.every == 0 and (self.method != "unrolled" or len(window) == self.unroll):
-            with torch.enable_grad():
-                if self.method == "unrolled":
-                    dh = self.unrolled_hypergradient(window, b, ctx)
-                else:
-                    dh = self.greedy_hypergradient(h, params, grads, state["inner"], b, ctx)
+        elif dh is not None:
             norm = dh.norm()
             if torch.isfinite(norm):
                 h = project(h - self.hyper_lr * clip_hypergradient(dh, self.clip, self.clip_mode))
@@ -178,8 +183,11 @@ class HyperKD(Operator):
             fit = add_point(fit, nxt, h)
         return new_params, {"inner": inner_state, "h": h.detach(), "fit": fit, "window": window}, info
 
-    def greedy_hypergradient(self, h, params: Params, grads: Params, inner_state: State, b: Batches, ctx: StepContext) -> torch.Tensor:
-        """dL_val(Phi(w, g(h))) / dh at fixed w, without differentiating through the student twice.
+    def greedy_hypergradient(self, h, params: Params, grads: Params, inner_state: State, b: Batches,
+                             ctx: StepContext) -> tuple[torch.Tensor, tuple[Params, State, dict]]:
+        """dL_val(Phi(w, g(h))) / dh at fixed w, without differentiating through the student twice,
+        and the look-ahead step Phi(w, g(h)) itself (detached: with ``lookahead="current"`` it is the
+        training step, which then is not taken a second time).
 
         With g(h) = J^T delta(h) (J: Jacobian of the logits at w, delta: the loss gradient in logit
         space), dL/dh = (J a) . d delta/dh where a = dL_val/dg (a backward pass through the operator
@@ -194,7 +202,7 @@ class HyperKD(Operator):
         """
         g = {k: v.detach().requires_grad_(True) for k, v in grads.items()}
         lookahead = self.inner if self.base_lr_inner is None else self.base_lr_inner
-        new_params, _, _ = lookahead.step(params, g, inner_state, ctx)
+        new_params, new_state, info = lookahead.step(params, g, inner_state, ctx)
         xv, yv = b.val_batch()
         val = batch_ce(b.model, new_params, b.buffers, xv, yv)
         a = torch.autograd.grad(val, list(g.values()))
@@ -204,8 +212,8 @@ class HyperKD(Operator):
             with torch.no_grad():
                 w = [params[k].detach() for k in names]
                 logits = ctx.logits if ctx.logits is not None else forward(*w)
-                eps = float(DIFFERENCE_STEP * global_norm(w, torch.float64) / (global_norm(a, torch.float64) + 1e-30))
-                ja = (forward(*[p + eps * d for p, d in zip(w, a)]) - logits) / eps
+                eps = float(DIFFERENCE_STEP * global_norm(w) / (global_norm(a) + 1e-30))
+                ja = (forward(*torch._foreach_add(w, a, alpha=eps)) - logits) / eps
         else:
             logits, ja = torch.func.jvp(forward, tuple(params[k] for k in names), tuple(a))
         h = h.detach().requires_grad_(True)
@@ -213,7 +221,8 @@ class HyperKD(Operator):
         (dh,) = torch.autograd.grad(delta, h, grad_outputs=ja)
         if self.base_lr_inner is not None:
             dh = dh * self.inner.schedule(ctx.step, ctx.total_steps)  # lr_t / lr_0
-        return dh
+        detached = lambda tree: {k: detached(v) if isinstance(v, dict) else v.detach() if isinstance(v, torch.Tensor) else v for k, v in tree.items()}
+        return dh, (detached(new_params), detached(new_state), info)
 
     def unrolled_hypergradient(self, window: list, b: Batches, ctx: StepContext) -> torch.Tensor:
         """dL_val / d delta at delta = 0, where the window of stored steps is replayed with

@@ -197,9 +197,9 @@ class OperatorTask:
 def make_estimator(cfg: MetaConfig, task, next_key) -> GradientEstimator:
     """The estimator of ``cfg.method`` over ``task``; ``next_key()`` numbers the particles."""
     schedule = TruncationSchedule(tuple(cfg.lengths), cfg.unroll)
-    if cfg.method == "tbptt":
-        return TBPTT(task, schedule, next_key, cfg.pairs)
     trained = lambda name: name.startswith(ES_PARAMS[cfg.es_params])
+    if cfg.method == "tbptt":
+        return TBPTT(task, schedule, next_key, cfg.pairs, trained)
     kind = ES if cfg.method == "es" else PES
     return kind(task, schedule, next_key, cfg.pairs, sigma=cfg.sigma, noise_seed=cfg.seed, trained=trained)
 
@@ -235,7 +235,7 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         net = LSTMOperatorNet(LSTMOperatorConfig(hidden=cfg.hidden, base_scale=cfg.base_scale, normalize_update=cfg.normalize_update,
                                                  per_coordinate=cfg.per_coordinate, rms_floor=cfg.rms_floor)).to(cfg.device)
     missing = [p for p in ES_PARAMS[cfg.es_params] if not any(name.startswith(p) for name, _ in net.named_parameters())]
-    if cfg.method != "tbptt" and missing:
+    if missing:
         raise UserError(f"--es-params {cfg.es_params}: this operator (per-coordinate part {net.cfg.per_coordinate!r}) has no weights {', '.join(missing)}")
     operator = LSTMOperator(net)
     meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)

@@ -86,7 +86,7 @@ def _hypergradient(op, model, params, data, val, hs, state=None):
         return op.unrolled_hypergradient(window, b, ctx)
     (w,) = window
     g = kd_gradient(model, w["params"], {}, w["x"], w["y"], w["t"], w["h"][0], w["h"][1], kd_form=op.kd_form)[0]
-    return op.greedy_hypergradient(w["h"], w["params"], _detached(g), w["inner"], b, ctx)
+    return op.greedy_hypergradient(w["h"], w["params"], _detached(g), w["inner"], b, ctx)[0]
 
 
 @pytest.mark.parametrize("kd_form", ["hinton", "paper"])
@@ -125,11 +125,11 @@ def test_greedy_by_a_forward_difference_matches_the_exact_hypergradient(inner, d
     x, y, t = data[0]
     g = _detached(kd_gradient(model, params, {}, x, y, t, h[0], h[1])[0])
     b = Batches(model, {}, x, y, t, lambda: val)
-    exact = HyperKD(inner, "greedy").greedy_hypergradient(h, params, g, state, b, StepContext(0, 10))
+    exact, _ = HyperKD(inner, "greedy").greedy_hypergradient(h, params, g, state, b, StepContext(0, 10))
     diff = HyperKD(inner, "greedy", jvp="difference")
-    recomputed = diff.greedy_hypergradient(h, params, g, state, b, StepContext(0, 10))
+    recomputed, _ = diff.greedy_hypergradient(h, params, g, state, b, StepContext(0, 10))
     logits = torch.func.functional_call(model, params, (x,)).detach()
-    reused = diff.greedy_hypergradient(h, params, g, state, b, StepContext(0, 10, logits=logits))
+    reused, _ = diff.greedy_hypergradient(h, params, g, state, b, StepContext(0, 10, logits=logits))
     assert float(exact.norm()) > 1e-6
     assert float((recomputed - exact).norm()) <= 3e-2 * float(exact.norm()), (recomputed, exact)
     torch.testing.assert_close(reused, recomputed, rtol=1e-4, atol=0)
@@ -226,6 +226,31 @@ def test_short_synthetic_run_moves_the_hyperparameters(tmp_path, teacher_ckpt, m
     assert 0 <= rows[-1]["beta"] <= 1 and 0.1 <= rows[-1]["temperature"] <= 10
 
 
+@INNERS
+@pytest.mark.parametrize("lookahead", ["current", "base"])
+def test_a_hyper_step_takes_the_inner_step_once_and_exactly(inner, lookahead, monkeypatch):
+    """With ``lookahead="current"`` the look-ahead step is the training step: HyperKD takes it once and
+    returns it detached; with ``base`` (another step) the training step is taken apart. Either way the
+    weights and state are the inner operator's step, to the bit."""
+    inner = dataclasses.replace(inner, schedule=Schedule("step", step_size=2, gamma=0.5))
+    model, params, data, val = _setup()
+    x, y, t = data[0]
+    state = _warm_state(inner, model, params)
+    h = torch.tensor([0.4, 2.5], dtype=torch.float64)
+    grads = _detached(kd_gradient(model, params, {}, x, y, t, h[0], h[1])[0])
+    ctx = StepContext(3, 10, batches=Batches(model, {}, x, y, t, lambda: val))
+    want_params, want_state, _ = inner.step(params, grads, state, ctx)
+    op = HyperKD(inner, "greedy", lookahead=lookahead)
+    calls = []
+    for target in [op.inner] + [op.base_lr_inner] * (op.base_lr_inner is not None):
+        monkeypatch.setattr(target, "step", lambda *a, _step=target.step, _t=target: calls.append(_t) or _step(*a), raising=False)
+    got_params, got_state, info = op.step(params, grads, {**op.init(params), "h": h, "inner": state}, ctx)
+    assert len(calls) == (1 if lookahead == "current" else 2) and "hypergrad_norm" in info
+    flat = lambda tree: torch.utils._pytree.tree_leaves(tree)
+    for got, want in zip(flat([got_params, got_state["inner"]]), flat([want_params, want_state])):
+        assert not got.requires_grad and torch.equal(got, want)
+
+
 def test_a_greedy_run_by_forward_differences_follows_the_exact_one(tmp_path, teacher_ckpt, monkeypatch):
     """The training step hands its logits to the hypergradient (``StepContext.logits``), and a run with
     ``--hyper-jvp difference`` moves (beta, T) as the exact run does: each hypergradient differs by
@@ -296,7 +321,7 @@ def test_lookahead_current_and_base_are_the_gradients_they_claim(make):
     h, eps, got = torch.tensor([0.4, 2.5], dtype=torch.float64), 1e-6, {}
     for lookahead, differentiated, scale in (("current", make(sched), 1.0), ("base", make(Schedule()), 0.25)):
         op = HyperKD(make(sched), "greedy", lookahead=lookahead, kd_form="paper")
-        got[lookahead] = dh = op.greedy_hypergradient(h, params, grads(h), state, ctx.batches, ctx)
+        got[lookahead] = dh = op.greedy_hypergradient(h, params, grads(h), state, ctx.batches, ctx)[0]
         for j in range(2):
             e = torch.zeros(2, dtype=torch.float64)
             e[j] = eps
@@ -332,7 +357,7 @@ def _scripted(op: HyperKD, dh_of_step):
 
     def greedy_hypergradient(h, params, grads, inner_state, b, ctx):
         calls.append(ctx.step)
-        return dh_of_step(ctx.step).to(h)
+        return dh_of_step(ctx.step).to(h), op.inner.step(params, grads, inner_state, ctx)
 
     op.greedy_hypergradient = greedy_hypergradient
     return calls

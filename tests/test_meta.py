@@ -177,11 +177,13 @@ def test_es_meta_train_survives_diverging_episodes_and_validations(tmp_path, tea
 
 @pytest.mark.parametrize("es_params,moving,per_coordinate", [("bias", ("coord_out.bias", "head.2.bias"), "lstm"), ("head-bias", ("head.2.bias",), "lstm"),
                                                               ("schedule", ("head.2.bias", "schedule.weight"), "lstm"),
-                                                              ("coord-mlp", ("coord_in.", "coord_out.", "head.2.", "schedule."), "mlp")])
-def test_es_on_some_weights_continues_a_saved_operator_and_moves_only_those(tmp_path, teacher_ckpt, es_params, moving, per_coordinate):
+                                                              ("coord-mlp", ("coord_in.", "coord_out.", "head.2.", "schedule."), "mlp"),
+                                                              ("coord", ("coord_in.", "coord_out."), "mlp")])
+@pytest.mark.parametrize("method", ["es", "tbptt"])
+def test_some_weights_are_meta_trained_from_a_saved_operator_and_only_those_move(tmp_path, teacher_ckpt, es_params, moving, per_coordinate, method):
     start = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4, per_coordinate=per_coordinate)))
     start.save(tmp_path / "start.pt")
-    cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny", method="es", es_params=es_params, init=str(tmp_path / "start.pt"),
+    cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny", method=method, es_params=es_params, init=str(tmp_path / "start.pt"),
                      curriculum="15", meta_steps=2, validate_every=2, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64,
                      meta_lr=0.1, sigma=0.3, runs_dir=str(tmp_path), run_name="m", progress=False)
     meta_train(cfg)

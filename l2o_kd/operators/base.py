@@ -69,7 +69,8 @@ class Operator(ABC):
         return {"name": self.name}
 
 
-def global_norm(tensors, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The L2 norm of all tensors together (a dict's values or a sequence), detached, in ``dtype``."""
+def global_norm(tensors) -> torch.Tensor:
+    """The L2 norm of all tensors together (a dict's values or a sequence), detached (one foreach kernel
+    over the tensors, not one reduction per tensor)."""
     values = tensors.values() if isinstance(tensors, dict) else tensors
-    return torch.sqrt(sum((t.detach().to(dtype) ** 2).sum() for t in values))
+    return torch.nn.utils.get_total_norm([t.detach() for t in values], foreach=True)
