@@ -2,7 +2,8 @@
 `tiny` student, SGD lr 1.0 (no momentum) halved every 10 epochs, batch 128, no augmentation, 9:1
 train/val; hyper-SGD lr 0.25 with gradient clipping 0.01; beta init U(0,1) and log10 T init U(-1,1)
 for the random and hypergradient rows (drawn per seed, printed). Extra rows: ``tpe`` (``l2o-kd search``:
-5 trials on a tuning seed (l2o_kd/seeds.py) scored on validation, the best (β, T) retrained on every seed), ``lstm`` (a
+5 trials on tuning seed 0 (student 10000, l2o_kd/seeds.py; the same search whatever ``--seeds``) scored on validation,
+the best (β, T) retrained on every seed), ``lstm`` (a
 learned operator in place of SGD, which then chooses its own steps and β_t, T_t) and ``nokd-bn3`` (no KD, with
 three extra train-mode forwards of each batch that move only the BatchNorm statistics: the side effect of the
 released code's greedy hypergradient, ``hyperparams.py`` ``virtual_step`` + ``compute_hessian``, alone).
@@ -92,7 +93,9 @@ def main() -> None:
         base = dict(model="tiny", data_root=args.data_root, operator="sgd", lr=1.0, momentum=0.0, schedule="step", lr_step_epochs=10, lr_gamma=0.5, epochs=args.epochs,
                     train_subset=args.train_subset or None, hyper_lr=0.25, hyper_clip=0.01, progress=False, **PROTOCOLS[args.protocol])
         if method == "tpe":
-            out = search(SearchConfig("tpe", args.trials, args.seeds, f"{args.out}/tpe"), TrainConfig(**base, seed=seeds[0]))
+            # the search's student and sampler come from TrainConfig.seed: 0, not the first retrain seed, so that
+            # retraining seeds 6-9 later continues the search that chose the pair retrained on seeds 0-5
+            out = search(SearchConfig("tpe", args.trials, args.seeds, f"{args.out}/tpe"), TrainConfig(**base, seed=0))
             rows = [{**read_metrics(f"{args.out}/tpe/best/trial-{out['best']['trial']}-s{s}")[-1], "seed": s, "init": out["best"]} for s in seeds]
         else:
             rows = []
