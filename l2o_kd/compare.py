@@ -44,6 +44,7 @@ from .fingerprint import check_fingerprint, file_digest
 from .operators import CLASSIC
 from .plots import finished_runs, plot_comparison
 from .runlog import read_metrics
+from .stats import paired
 from .teacher import teacher_path
 from .train import Trajectory, run_length, train
 
@@ -247,8 +248,9 @@ def tune_baselines(cfg: CompareConfig, specs: list[OperatorSpec], splits, steps:
 
 def summarize(rows: list[dict], target: float | None = None, labels: list[str] | None = None) -> dict[str, Any]:
     """Per operator: final test accuracy (mean ± std over seeds), best validation accuracy, steps to
-    reach ``target`` test accuracy (default: the best classic operator's final mean), ms per step and
-    peak memory. Only finished cells count."""
+    reach ``target`` test accuracy (default: the best classic operator's final mean), the paired
+    difference of final test accuracy from the best classic operator (``reference``; points, on their
+    common seeds: :func:`l2o_kd.stats.paired`), ms per step and peak memory. Only finished cells count."""
     runs = finished_runs(rows, labels)
     labels = list(runs)
 
@@ -256,9 +258,11 @@ def summarize(rows: list[dict], target: float | None = None, labels: list[str] |
         return [seed_rows[-1]["test_acc"] for seed_rows in runs[label].values()]
 
     classic = [lab for lab in labels if lab in CLASSIC]
-    if target is None and classic:
-        target = max(statistics.mean(finals(lab)) for lab in classic)
-    summary: dict[str, Any] = {"target": target, "operators": {}}
+    reference = max(classic, key=lambda lab: statistics.mean(finals(lab))) if classic else None
+    if target is None and reference:
+        target = statistics.mean(finals(reference))
+    by_seed = lambda label: {seed: rs[-1]["test_acc"] for seed, rs in runs[label].items()}
+    summary: dict[str, Any] = {"target": target, "reference": reference, "operators": {}}
     for label in labels:
         per_seed = runs[label]
         tests = finals(label)
@@ -272,6 +276,7 @@ def summarize(rows: list[dict], target: float | None = None, labels: list[str] |
             "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
             "best_val_mean": statistics.mean(best_vals),
             "steps_to_target": [_first_step(rs, target) for rs in per_seed.values()] if target is not None else [],
+            "vs_reference": None if reference in (None, label) else paired(by_seed(label), by_seed(reference)),
             "ms_per_step": 1e3 * statistics.mean(r["wall_s"] / r["step"] for r in last),
             "peak_mem_mb": max(r.get("peak_mem_mb", float("nan")) for r in last),
         }
@@ -303,14 +308,15 @@ def render_summary(summary: dict[str, Any], cfg: CompareConfig) -> str:
         ),
         "Peak memory: CUDA peak allocation on a GPU; on CPU the peak RSS of the compare process (shared by all cells run so far).",
         "",
-        f"| operator | lr | final test acc | best val acc | steps to {_pct(target)} test (per seed) | ms / step | peak MiB |",
-        "|---|---|---|---|---|---|---|",
+        f"| operator | lr | final test acc | − {summary.get('reference') or 'best classic'} (paired, points: mean ± std, wins, 95% CI) | "
+        f"best val acc | steps to {_pct(target)} test (per seed) | ms / step | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, s in summary["operators"].items():
         reach = ", ".join("never" if v is None else str(v) for v in s["steps_to_target"]) or "-"
         lr = "learned" if s["base_lr"] is None else f"{s['base_lr']:g}"
         lines.append(
-            f"| {label} | {lr} | {_pct(s['test_mean'])} ± {100 * s['test_std']:.2f} | {_pct(s['best_val_mean'])} | {reach} | "
+            f"| {label} | {lr} | {_pct(s['test_mean'])} ± {100 * s['test_std']:.2f} | {s['vs_reference'] or '–'} | {_pct(s['best_val_mean'])} | {reach} | "
             f"{s['ms_per_step']:.1f} | {s['peak_mem_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"

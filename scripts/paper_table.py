@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 from pathlib import Path
 
 from l2o_kd.config import TrainConfig
 from l2o_kd.runlog import read_metrics
+from l2o_kd.stats import paired
 from l2o_kd.train import run_length
 
 PAPER = {"nokd": 0.55, "naive": 0.55, "random": 0.54, "greedy": 0.57, "tpe": 0.55, "extrapolate": 0.57}  # its reduced-set table
@@ -27,8 +27,6 @@ ORDER = ("nokd", "naive", "random", "greedy", "extrapolate", "tpe", "nokd-bn3")
 CONFIG_KEYS = ("seed", "beta", "temperature", "kd_form", "tune_kd", "hyper_clip_mode", "hyper_lookahead", "lr", "schedule", "train_subset",
                "epochs", "bn_updates")
 TRAIN_SPLIT = 45_000  # the train split's size (a run without --train-subset)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179,
-        13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}  # t quantiles 0.975 by df
 
 
 def finished_runs(folder: Path):
@@ -58,19 +56,6 @@ def collect(folder: Path, rows_file: Path) -> int:
     return added
 
 
-def paired(a: dict[int, float], b: dict[int, float]) -> str:
-    seeds = sorted(set(a) & set(b))
-    if len(seeds) < 2:
-        return "–"
-    d = [100 * (a[s] - b[s]) for s in seeds]
-    mean, sd = statistics.mean(d), statistics.stdev(d)
-    if len(d) - 1 not in T975:
-        raise SystemExit(f"paired over {len(d)} seeds: add the t quantile for {len(d) - 1} degrees of freedom to T975")
-    half = T975[len(d) - 1] * sd / math.sqrt(len(d))
-    verdict = "within noise" if mean - half <= 0 <= mean + half else ("above" if mean > 0 else "below")
-    return f"{mean:+.2f} ± {sd:.2f}, {sum(x > 0 for x in d)}/{len(d)}, [{mean - half:+.2f}, {mean + half:+.2f}] {verdict}"
-
-
 def table(rows_file: Path) -> str:
     by: dict[str, dict[int, float]] = {}
     for line in rows_file.read_text().splitlines():
@@ -86,7 +71,7 @@ def table(rows_file: Path) -> str:
         paper = PAPER.get(method)
         close = "–" if paper is None else ("yes" if abs(statistics.mean(vals) - 100 * paper) <= 1.5 else "no")
         lines.append(f"| {method} | {len(acc)} ({','.join(map(str, sorted(acc)))}) | {statistics.mean(vals):.2f} ± {sd:.2f}% | "
-                     f"{'–' if paper is None else f'{paper:.2f}'} | {close} | {paired(acc, by.get('nokd', {})) if method != 'nokd' else '–'} |")
+                     f"{'–' if paper is None else f'{paper:.2f}'} | {close} | {paired(acc, by.get('nokd', {})) or '–' if method != 'nokd' else '–'} |")
     return "\n".join(lines)
 
 

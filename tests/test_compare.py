@@ -260,6 +260,22 @@ def test_summary_ignores_unfinished_cells():
     assert list(s["operators"]) == ["sgd"] and s["target"] == 0.5
 
 
+def test_summary_pairs_every_operator_with_the_best_classic_one_seed_by_seed():
+    """adam beats sgd on the means, so it is the reference; the learned operator's per-seed differences
+    from it are +1, +2, +3 points (seed 3, which adam lacks, is left out): mean 2, std 1, 3/3 wins,
+    95% interval 2 -+ t(2) * 1 / sqrt(3) = 2 -+ 4.303 / 1.732."""
+    row = lambda op, seed, acc: {"operator": op, "seed": seed, "step": 10, "test_acc": acc, "val_acc": acc, "wall_s": 1.0,
+                                 "base_lr": None if op == "ckpt:x" else 0.1, "final": True}
+    rows = [row("sgd", s, 0.40) for s in range(3)] + [row("adam", s, 0.50 + 0.01 * s) for s in range(3)]
+    rows += [row("ckpt:x", s, 0.51 + 0.02 * s) for s in range(3)] + [row("ckpt:x", 3, 0.99)]
+    s = summarize(rows)
+    assert s["reference"] == "adam" and s["operators"]["adam"]["vs_reference"] is None
+    p = s["operators"]["ckpt:x"]["vs_reference"]
+    assert (p.n, p.wins) == (3, 3) and p.mean == pytest.approx(2.0) and p.std == pytest.approx(1.0)
+    assert (p.low, p.high) == (pytest.approx(2 - 4.303 / 3**0.5), pytest.approx(2 + 4.303 / 3**0.5)) and p.verdict == "within noise"
+    assert s["operators"]["sgd"]["vs_reference"].mean == pytest.approx(-11.0) and s["operators"]["sgd"]["vs_reference"].verdict == "below"
+
+
 def test_the_schedule_only_ablation_runs_the_operator_without_its_per_coordinate_read_out(tmp_path, teacher_ckpt):
     torch.manual_seed(0)
     op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4)))
