@@ -2,7 +2,9 @@
 column per method (greedy, extrapolate), beta and T against the step, one line per draw (seed), its
 start (the draw) marked. Reads every ``METHOD-sSEED`` run under ``--runs`` whose metrics hold beta and T
 (an unfinished run shows as far as it got) and writes the
-figure and the points behind it (``trajectories.jsonl``: run, step, beta, temperature, test_acc).
+figure and the points behind it (``trajectories.jsonl``: run, step, beta, temperature, test_acc). That
+file is the record: a run found under ``--runs`` replaces its own points there, the other runs' points
+are kept (runs of earlier sessions whose folders are gone still plot).
 
     python scripts/plot_paper_trajectories.py --runs results/paper-protocol --out docs/paper-protocol
 """
@@ -35,14 +37,29 @@ def trajectories(runs: Path) -> dict[str, dict[int, list[dict]]]:
     return found
 
 
+def recorded(points: Path) -> dict[str, dict[int, list[dict]]]:
+    """The trajectories already in a ``trajectories.jsonl`` ({} when there is none), as :func:`trajectories` gives them."""
+    found: dict[str, dict[int, list[dict]]] = {}
+    if points.exists():
+        for line in points.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                method, seed = r.pop("run").rsplit("-s", 1)
+                found.setdefault(method, {}).setdefault(int(seed), []).append(r)
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", default="results/paper-protocol")
     ap.add_argument("--out", default="docs/paper-protocol")
     args = ap.parse_args()
-    found = trajectories(Path(args.runs))
+    out = Path(args.out)
+    found = recorded(out / "trajectories.jsonl")
+    for method, runs in trajectories(Path(args.runs)).items():
+        found.setdefault(method, {}).update(runs)
     if not found:
-        raise SystemExit(f"no finished greedy or extrapolate runs with beta and T under {args.runs}")
+        raise SystemExit(f"no greedy or extrapolate runs with beta and T under {args.runs} or in {out / 'trajectories.jsonl'}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,7 +83,6 @@ def main() -> None:
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=7, ncol=2)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out / "trajectories.png", dpi=110)
