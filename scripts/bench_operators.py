@@ -8,7 +8,7 @@ the ratio within the round (a machine whose speed drifts, as a shared one does, 
 the size of the operator's state; and peak memory of a fresh process that runs only that student and
 operator for 10 steps: on CUDA its peak allocated memory, on CPU its peak resident set.
 
-    python scripts/bench_operators.py [--operators sgd,adam,sgd+greedy,ckpt:checkpoints/operator-lstm.pt] \
+    python scripts/bench_operators.py [--operators sgd,adam,sgd+greedy,ckpt:checkpoints/operator.pt] \
         [--students tiny,small,resnet8] [--threads 2] [--device cpu] [--append docs/RESULTS.md]
 """
 
@@ -121,7 +121,7 @@ def _bytes(tree) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--operators", default="sgd,adam,sgd+greedy,ckpt:checkpoints/operator-lstm.pt")
+    ap.add_argument("--operators", default="sgd,adam,sgd+greedy,ckpt:checkpoints/operator.pt")
     ap.add_argument("--students", default="tiny,small,resnet8")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=30)

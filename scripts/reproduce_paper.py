@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--protocol", choices=list(PROTOCOLS), default="ours", help="KD loss and hypergradient semantics (module docstring)")
     ap.add_argument("--extrapolate-after", type=float, default=0.5, help="extrapolate, --protocol ours: fraction of the run greedy")
     ap.add_argument("--trials", type=int, default=5, help="tpe: full training runs of the search")
-    ap.add_argument("--operator", default="checkpoints/operator-lstm.pt", help="lstm: the learned operator")
+    ap.add_argument("--operator", default="checkpoints/operator.pt", help="lstm: the learned operator")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="[default: results/paper, results/paper-protocol with --protocol paper]")
     args = ap.parse_args()
