@@ -130,12 +130,13 @@ class TBPTT(GradientEstimator):
         while len(self.particles) < self.population:
             self.particles.append(self.task.new_particle(self.next_key(), self.schedule.length(progress)))
         named = list(net.named_parameters())
-        params = [p for name, p in named if self.trained(name)]
+        trained = [self.trained(name) for name, _ in named]
+        params = [p for (_, p), t in zip(named, trained) if t]
         total, losses, rows = [torch.zeros_like(p) for _, p in named], [], []
         for i, particle in enumerate(self.particles):
             loss = self.task.unroll(net, particle, self.schedule.steps(particle))
-            grads = iter(torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params))
-            grads = [(next(grads) if self.trained(name) else None) for name, _ in named]
+            found = iter(torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params))
+            grads = [next(found) if t else None for t in trained]
             grads = [torch.zeros_like(p) if g is None else g for (_, p), g in zip(named, grads)]
             self.task.detach(particle)
             if not (math.isfinite(loss.item()) and all(bool(torch.isfinite(g).all()) for g in grads)):

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 
 from .config import CLIP_MODES, HYPER_JVPS, KD_FORMS, LOOKAHEADS, TUNE_KD_METHODS, TrainConfig, check_choice
 from .distill import batch_ce, kd_gradient, kd_logit_gradient
@@ -167,9 +168,9 @@ class HyperKD(Operator):
             if hyper and self.method == "unrolled":
                 dh = self.unrolled_hypergradient(window, b, ctx)
             elif hyper:
-                dh, lookahead = self.greedy_hypergradient(h, params, grads, state["inner"], b, ctx)
+                dh, stepped = self.greedy_hypergradient(h, params, grads, state["inner"], b, ctx)
         if hyper and self.method != "unrolled" and self.base_lr_inner is None:
-            new_params, inner_state, info = lookahead  # the look-ahead step is this step: taken once
+            new_params, inner_state, info = stepped  # the look-ahead step is this step: taken once
         else:
             new_params, inner_state, info = self.inner.step(params, grads, state["inner"], ctx)
         if following:
@@ -221,8 +222,8 @@ class HyperKD(Operator):
         (dh,) = torch.autograd.grad(delta, h, grad_outputs=ja)
         if self.base_lr_inner is not None:
             dh = dh * self.inner.schedule(ctx.step, ctx.total_steps)  # lr_t / lr_0
-        detached = lambda tree: {k: detached(v) if isinstance(v, dict) else v.detach() if isinstance(v, torch.Tensor) else v for k, v in tree.items()}
-        return dh, (detached(new_params), detached(new_state), info)
+        detached = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, (new_params, new_state))
+        return dh, (*detached, info)
 
     def unrolled_hypergradient(self, window: list, b: Batches, ctx: StepContext) -> torch.Tensor:
         """dL_val / d delta at delta = 0, where the window of stored steps is replayed with
