@@ -19,6 +19,11 @@ l2o_kd/hypergrad.py): KD loss (1-β) CE + β KL (no T²), each hypergradient com
     python scripts/reproduce_paper.py --data-root ../shared/data/cifar10-jpeg.tar.gz --protocol paper \
         --methods nokd,naive,random,greedy,extrapolate,tpe,lstm --seeds 0,1,2 --epochs 50 --train-subset 12800
 Finished runs are read back, so an interrupted reproduction redoes only what is missing.
+
+Ablations change one of the protocol's three semantics at a time: ``--kd-form``, ``--hyper-clip-mode``,
+``--hyper-lookahead`` (default: the protocol's). A run that differs from its protocol is named
+``METHOD-VALUE-sSEED`` (e.g. ``greedy-hinton-s3``: the paper's protocol with the T² factor back), so its rows
+never mix with the protocol's own.
 """
 
 from __future__ import annotations
@@ -79,6 +84,9 @@ def main() -> None:
     ap.add_argument("--extrapolate-after", type=float, default=0.5, help="extrapolate, --protocol ours: fraction of the run greedy")
     ap.add_argument("--trials", type=int, default=5, help="tpe: full training runs of the search")
     ap.add_argument("--operator", default="checkpoints/operator.pt", help="lstm: the learned operator")
+    ap.add_argument("--kd-form", choices=["hinton", "paper"], default=None, help="ablation: this KD convention instead of the protocol's")
+    ap.add_argument("--hyper-clip-mode", choices=["norm", "value"], default=None, help="ablation: this hypergradient clipping instead of the protocol's")
+    ap.add_argument("--hyper-lookahead", choices=["current", "base"], default=None, help="ablation: this look-ahead instead of the protocol's")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="[default: results/paper, results/paper-protocol with --protocol paper]")
     args = ap.parse_args()
@@ -89,10 +97,14 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.protocol == "paper" and not all(0 <= s < len(PAPER_DRAWS) for s in seeds):
         ap.error(f"--protocol paper: seeds index the paper's {len(PAPER_DRAWS)} draws, 0..{len(PAPER_DRAWS) - 1}")
+    ablation = {k: v for k in ("kd_form", "hyper_clip_mode", "hyper_lookahead") if (v := getattr(args, k)) not in (None, PROTOCOLS[args.protocol][k])}
+    tag = "".join(f"-{v}" for v in ablation.values())  # in every run name of an ablation
     for method in args.methods.split(","):
         base = dict(model="tiny", data_root=args.data_root, operator="sgd", lr=1.0, momentum=0.0, schedule="step", lr_step_epochs=10, lr_gamma=0.5, epochs=args.epochs,
-                    train_subset=args.train_subset or None, hyper_lr=0.25, hyper_clip=0.01, progress=False, **PROTOCOLS[args.protocol])
+                    train_subset=args.train_subset or None, hyper_lr=0.25, hyper_clip=0.01, progress=False, **{**PROTOCOLS[args.protocol], **ablation})
         if method == "tpe":
+            if tag:
+                ap.error("tpe: ablations are for the runs of the other rows")
             # the search's student and sampler come from TrainConfig.seed: 0, not the first retrain seed, so that
             # retraining seeds 6-9 later continues the search that chose the pair retrained on seeds 0-5
             out = search(SearchConfig("tpe", args.trials, args.seeds, f"{args.out}/tpe"), TrainConfig(**base, seed=0))
@@ -101,17 +113,17 @@ def main() -> None:
             rows = []
             for seed in seeds:
                 kw = method_config(method, seed, args.extrapolate_after, args.operator, args.protocol)
-                row = train(TrainConfig(**{**base, **kw}, seed=seed, runs_dir=args.out, run_name=f"{method}-s{seed}"), resume=True, splits=splits)
+                row = train(TrainConfig(**{**base, **kw}, seed=seed, runs_dir=args.out, run_name=f"{method}{tag}-s{seed}"), resume=True, splits=splits)
                 rows.append({**row, "seed": seed, "init": kw})
         for row in rows:
-            row["method"] = method
+            row["method"] = method + tag
             print(json.dumps({k: row.get(k) for k in ("method", "seed", "init", "test_acc", "val_acc", "beta", "temperature", "wall_s")}), flush=True)
-        results[method] = rows
+        results[method + tag] = rows
     summary = {m: {"test_mean": statistics.mean(r["test_acc"] for r in rows),
                    "test_std": statistics.stdev([r["test_acc"] for r in rows]) if len(rows) > 1 else 0.0,
                    "wall_s_mean": statistics.mean(r["wall_s"] for r in rows), "n": len(rows)} for m, rows in results.items()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"summary-{args.methods.replace(',', '_')}.json").write_text(json.dumps(summary, indent=2))
+    (Path(args.out) / f"summary-{args.methods.replace(',', '_')}{tag}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary), flush=True)
 
 
