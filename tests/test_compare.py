@@ -103,7 +103,9 @@ def _run_full(tmp_path, teacher_ckpt):
 
 
 def test_a_diverging_cell_is_reported_and_the_others_go_on(tmp_path, teacher_ckpt):
-    summary = compare(_cfg(tmp_path, teacher_ckpt, seeds=1, lrs={"sgd": 1e6, "adam": 3e-3}))
+    # lr 1e30 moves the weights by 1e30 |g| in the first step, so the next forward overflows float32: a
+    # non-finite loss on any CPU (at lr 1e6 the loss stayed finite on one machine of this project's kind)
+    summary = compare(_cfg(tmp_path, teacher_ckpt, seeds=1, lrs={"sgd": 1e30, "adam": 3e-3}))
     failures = [json.loads(line) for line in (tmp_path / "cmp" / "failures.jsonl").read_text().splitlines()]
     assert [(f["operator"], f["seed"]) for f in failures] == [("sgd", 0)]
     assert "Diverged" in failures[0]["error"]
