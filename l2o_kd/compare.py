@@ -254,14 +254,15 @@ def summarize(rows: list[dict], target: float | None = None, labels: list[str] |
     runs = finished_runs(rows, labels)
     labels = list(runs)
 
-    def finals(label: str) -> list[float]:
-        return [seed_rows[-1]["test_acc"] for seed_rows in runs[label].values()]
+    def by_seed(label: str) -> dict[int, float]:
+        return {seed: seed_rows[-1]["test_acc"] for seed, seed_rows in runs[label].items()}
+
+    finals = lambda label: list(by_seed(label).values())
 
     classic = [lab for lab in labels if lab in CLASSIC]
     reference = max(classic, key=lambda lab: statistics.mean(finals(lab))) if classic else None
     if target is None and reference:
         target = statistics.mean(finals(reference))
-    by_seed = lambda label: {seed: rs[-1]["test_acc"] for seed, rs in runs[label].items()}
     summary: dict[str, Any] = {"target": target, "reference": reference, "operators": {}}
     for label in labels:
         per_seed = runs[label]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from l2o_kd.config import SearchConfig, TrainConfig
+from l2o_kd.config import CLIP_MODES, KD_FORMS, LOOKAHEADS, SearchConfig, TrainConfig
 from l2o_kd.data import load_splits
 from l2o_kd.runlog import read_metrics
 from l2o_kd.search import search
@@ -84,9 +84,9 @@ def main() -> None:
     ap.add_argument("--extrapolate-after", type=float, default=0.5, help="extrapolate, --protocol ours: fraction of the run greedy")
     ap.add_argument("--trials", type=int, default=5, help="tpe: full training runs of the search")
     ap.add_argument("--operator", default="checkpoints/operator.pt", help="lstm: the learned operator")
-    ap.add_argument("--kd-form", choices=["hinton", "paper"], default=None, help="ablation: this KD convention instead of the protocol's")
-    ap.add_argument("--hyper-clip-mode", choices=["norm", "value"], default=None, help="ablation: this hypergradient clipping instead of the protocol's")
-    ap.add_argument("--hyper-lookahead", choices=["current", "base"], default=None, help="ablation: this look-ahead instead of the protocol's")
+    ap.add_argument("--kd-form", choices=KD_FORMS, default=None, help="ablation: this KD convention instead of the protocol's")
+    ap.add_argument("--hyper-clip-mode", choices=CLIP_MODES, default=None, help="ablation: this hypergradient clipping instead of the protocol's")
+    ap.add_argument("--hyper-lookahead", choices=LOOKAHEADS, default=None, help="ablation: this look-ahead instead of the protocol's")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="[default: results/paper, results/paper-protocol with --protocol paper]")
     args = ap.parse_args()
