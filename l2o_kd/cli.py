@@ -27,7 +27,8 @@ from .config import (
 from .errors import Diverged, UserError
 
 T, M, C, S = TrainConfig, MetaConfig, CompareConfig, SearchConfig  # every default below is the config's own (declared once, in config.py)
-KD_FORM_HELP = "KD loss: hinton = (1-beta) CE + beta T^2 KL; paper = (1-beta) CE + beta KL (no T^2, as Gorpinich et al.'s code)."
+KD_FORM_HELP = ("KD loss: hinton = (1-beta) CE + beta T^2 KL(teacher || student); paper = no T^2 (Gorpinich et al.); "
+                "reverse = (1-beta) CE + beta KL(student || teacher), no T^2 (the code released with that paper).")
 
 
 def training_options(f):

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from . import seeds as seed_ranges
 from .errors import UserError
 
-KD_FORMS = ("hinton", "paper")  # the KD loss convention: with or without T^2 on the KL term (distill.py)
+KD_FORMS = ("hinton", "paper", "reverse")  # the KD loss convention: T^2 KL(t||s), KL(t||s) or KL(s||t) (distill.py)
 CLIP_MODES = ("norm", "value")  # how the hypergradient is clipped (hypergrad.py)
 LOOKAHEADS = ("current", "base")  # the lr of the greedy hypergradient's look-ahead step (hypergrad.py)
 HYPER_JVPS = ("exact", "difference")  # how the greedy hypergradient forms J a (hypergrad.py)
@@ -52,7 +52,7 @@ class TrainConfig:
     teacher: str | None = None  # teacher checkpoint; None or beta == 0 (and no operator choosing beta): no KD
     beta: float = 0.5
     temperature: float = 4.0
-    kd_form: str = "hinton"  # hinton: (1-beta) CE + beta T^2 KL | paper: (1-beta) CE + beta KL (Gorpinich et al.'s code)
+    kd_form: str = "hinton"  # hinton: (1-beta) CE + beta T^2 KL(t||s) | paper: no T^2 (Gorpinich et al.) | reverse: KL(s||t), no T^2 (their code)
     operator: str = "sgd"  # sgd | adam | adamw | path to a learned-operator checkpoint
     lr: float = 0.1
     momentum: float = 0.9

@@ -1,16 +1,16 @@
-"""The knowledge-distillation loss and its gradients, in one of two conventions (``kd_form``):
+"""The knowledge-distillation loss and its gradients, in one of three conventions (``kd_form``):
 
-    hinton: L(w; beta, T) = (1 - beta) * CE(s, y) + beta * T^2 * KL(softmax(t / T) || softmax(s / T))
-    paper:  L(w; beta, T) = (1 - beta) * CE(s, y) + beta * KL(softmax(t / T) || softmax(s / T))
+    hinton:  L(w; beta, T) = (1 - beta) * CE(s, y) + beta * T^2 * KL(softmax(t / T) || softmax(s / T))
+    paper:   L(w; beta, T) = (1 - beta) * CE(s, y) + beta * KL(softmax(t / T) || softmax(s / T))
+    reverse: L(w; beta, T) = (1 - beta) * CE(s, y) + beta * KL(softmax(s / T) || softmax(t / T))
 
 with student logits ``s``, teacher logits ``t``, beta in [0, 1] and T > 0. The T^2 factor keeps the
-gradient of the KD term on the scale of the CE term as T changes (Hinton et al. 2015); the code
-released with Gorpinich et al. has no T^2 (its ``param_loss``: ``lambda1 * distill + (1 - lambda1) * CE``).
-Its ``distill`` calls ``KLDivLoss(log_softmax(t/T), softmax(s/T))``, which is KL(student || teacher),
-the other direction; "paper" keeps the usual direction (teacher || student) and only drops T^2 (a
-difference from the released code that a faithful reproduction still has to settle, issue 13).
-:func:`_kl_weights` is the one place that knows the two conventions; every function here takes
-``kd_form`` ("hinton" by default) and refuses any other value.
+gradient of the KD term on the scale of the CE term as T changes (Hinton et al. 2015); the paper
+(Gorpinich et al.) writes the KL without it. ``reverse`` is what the code released with the paper
+computes: its ``distill`` calls ``KLDivLoss(log_softmax(t/T), softmax(s/T))``, i.e. KL(student || teacher),
+the mode-seeking direction, also without T^2. :func:`kd_term` and :func:`_kd_delta` are the only places
+that know the conventions; every function here takes ``kd_form`` ("hinton" by default) and refuses any
+other value.
 """
 
 from __future__ import annotations
@@ -24,23 +24,31 @@ from .config import KD_FORMS, TrainConfig, check_choice
 from .models import apply, frozen, like_param
 
 
-def _kl_weights(temperature, kd_form: str):
-    """(the factor on KL in the KD term, the factor on ``(softmax(s/T) - softmax(t/T)) / n`` in its
-    gradient w.r.t. the logits): ``(T^2, T)`` for hinton, ``(1, 1/T)`` for paper, since
-    ``d KL / d s = (softmax(s/T) - softmax(t/T)) / (n T)``."""
-    if kd_form == "hinton":
-        return temperature**2, temperature
-    if kd_form == "paper":
-        return 1.0, 1 / temperature
+def _refuse(kd_form: str):
     check_choice("kd_form", kd_form, KD_FORMS)
-    raise AssertionError(kd_form)  # every value of KD_FORMS is handled above
+    raise AssertionError(kd_form)  # every value of KD_FORMS is handled by the caller
+
+
+def _kd_delta(s: torch.Tensor, teacher: torch.Tensor, temperature, kd_form: str) -> torch.Tensor:
+    """``n`` times the gradient of the batch-mean KD term w.r.t. the student logits, row by row, with
+    ``p = softmax(s/T)``, ``q = softmax(t/T)``: ``T (p - q)`` (hinton), ``(p - q) / T`` (paper) and
+    ``p (log p - log q - KL(p || q)) / T`` (reverse; from ``dp_i/dz_j = p_i (delta_ij - p_j)``, ``z = s/T``)."""
+    if kd_form in ("hinton", "paper"):
+        diff = F.softmax(s / temperature, 1) - F.softmax(teacher / temperature, 1)
+        return temperature * diff if kd_form == "hinton" else diff / temperature
+    if kd_form == "reverse":
+        log_p = F.log_softmax(s / temperature, 1)
+        ratio = log_p - F.log_softmax(teacher / temperature, 1)
+        p = log_p.exp()
+        return p * (ratio - (p * ratio).sum(1, keepdim=True)) / temperature
+    _refuse(kd_form)
 
 
 @dataclass
 class KDTerms:
     total: torch.Tensor
     ce: torch.Tensor
-    kd: torch.Tensor  # the term beta multiplies: T^2 * KL (hinton) or KL (paper)
+    kd: torch.Tensor  # the term beta multiplies: T^2 * KL (hinton), KL (paper) or the reverse KL (reverse)
 
 
 def kd_terms(student: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor, beta, temperature, kd_form: str = TrainConfig.kd_form) -> KDTerms:
@@ -53,12 +61,16 @@ def kd_terms(student: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tenso
 
 
 def kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature, kd_form: str = TrainConfig.kd_form) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)) (hinton) or the KL alone (paper), averaged over the batch."""
-    weight, _ = _kl_weights(temperature, kd_form)
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) (hinton), the KL alone (paper) or KL(softmax(s/T) || softmax(t/T))
+    (reverse), averaged over the batch."""
     log_p_s = F.log_softmax(student / temperature, dim=1)
     log_p_t = F.log_softmax(teacher / temperature, dim=1)
-    kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
-    return weight * kl
+    if kd_form in ("hinton", "paper"):
+        kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+        return temperature**2 * kl if kd_form == "hinton" else kl
+    if kd_form == "reverse":
+        return F.kl_div(log_p_t, log_p_s, log_target=True, reduction="batchmean")
+    _refuse(kd_form)
 
 
 def kd_loss(student, teacher, y, beta, temperature, kd_form: str = TrainConfig.kd_form) -> torch.Tensor:
@@ -72,13 +84,11 @@ def batch_ce(model, params, buffers, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 def kd_logit_gradient(s: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, beta, temperature, kd_form: str = TrainConfig.kd_form) -> torch.Tensor:
-    """d L / d s for student logits ``s``: ``(1-beta) (softmax(s) - onehot(y)) / n + beta c (softmax(s/T) - softmax(t/T)) / n``
-    with ``c = T`` (hinton) or ``1/T`` (paper)."""
-    _, scale = _kl_weights(temperature, kd_form)
+    """d L / d s for student logits ``s``: ``(1-beta) (softmax(s) - onehot(y)) / n + beta delta_KD / n`` with
+    ``delta_KD`` from :func:`_kd_delta` (``T (p - q)`` for hinton, ``(p - q) / T`` for paper)."""
     n = len(y)
     delta_ce = (F.softmax(s, 1) - F.one_hot(y, s.shape[1]).to(s)) / n
-    delta_kd = scale * (F.softmax(s / temperature, 1) - F.softmax(teacher / temperature, 1)) / n
-    return (1 - beta) * delta_ce + beta * delta_kd
+    return (1 - beta) * delta_ce + beta * _kd_delta(s, teacher, temperature, kd_form) / n
 
 
 def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second_order: bool = False, kd_form: str = TrainConfig.kd_form):
@@ -86,8 +96,7 @@ def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second
     ``temperature`` (and in ``params`` too when ``second_order``), for meta- and hypergradients.
 
     Built in logit space with one backward pass: ``g = J_s^T [(1-beta) dCE/ds + beta dKD/ds]`` with
-    ``dCE/ds = (softmax(s) - onehot(y)) / n`` and, for the KD term, ``d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T)) / n``
-    (hinton) or ``d KL/ds = (softmax(s/T) - softmax(t/T)) / (n T)`` (paper). First order (the default),
+    ``dCE/ds = (softmax(s) - onehot(y)) / n`` and the KD term's from :func:`_kd_delta`. First order (the default),
     ``J_s`` is taken at detached weights. Returns (grads, ce, kd) with the two loss terms as floats; the
     gradients in their parameters' layout (:func:`l2o_kd.models.like_param`), as :func:`l2o_kd.step.gradient` returns them.
     """

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from l2o_kd.checkpoint import load_checkpoint
-from l2o_kd.config import MetaConfig, TrainConfig
+from l2o_kd.config import KD_FORMS, MetaConfig, TrainConfig
 from l2o_kd.data import load_splits
 from l2o_kd.estimators import PES, TruncationSchedule
 from l2o_kd.meta import Episode, OperatorTask, train_step
@@ -74,7 +74,7 @@ def test_the_differentiable_gradient_equals_autograd_of_the_loss(setting):
     ep = Episode(splits, logits, op, "tiny", seed=SEED, length=STEPS, cfg=cfg)
     b = ep.train_loader.batch_at(0, SEED)
     beta, temperature = torch.tensor(0.3, requires_grad=True), torch.tensor(3.0, requires_grad=True)
-    for kd_form in ("hinton", "paper"):
+    for kd_form in KD_FORMS:
         plain, stats, _ = gradient(ep.model, ep.params, dict(ep.buffers), b.x, b.y, logits[b.idx], 0.3, 3.0, kd_form)
         diff, dstats, _ = gradient(ep.model, ep.params, dict(ep.buffers), b.x, b.y, logits[b.idx], beta, temperature, kd_form, differentiable=True)
         scale = max(float(g.abs().max()) for g in plain.values())  # (biases in front of BatchNorm: a rounding-only gradient)
