@@ -41,6 +41,7 @@ def training_options(f):
         click.option("--steps", type=int, default=None, help="Training length in steps (wins over --epochs)."),
         click.option("--batch-size", type=int, default=T.batch_size, show_default=True),
         click.option("--seed", type=int, default=T.seed, show_default=True),
+        click.option("--init", default=None, help="Start from the weights of this model checkpoint (same model; fine-tuning) instead of --seed's initialization."),
         click.option("--device", default=T.device, show_default=True, help="cpu | cuda"),
         click.option("--channels-last", is_flag=True, help="Keep the weights channels-last too (activations always are, l2o_kd/models.py)."),
         click.option("--amp", is_flag=True, help="bf16 autocast for the student's forward/backward (GPUs with bf16; works on CPU)."),

@@ -79,6 +79,7 @@ class TrainConfig:
     augment: bool = False
     train_subset: int | None = None  # use only this many training images (a fixed subset, e.g. the paper's 12,800)
     seed: int = 0
+    init: str | None = None  # start from the weights of this model checkpoint (fine-tuning) instead of seed's initialization
     device: str = "cpu"
     channels_last: bool = False
     amp: bool = False  # bf16 autocast for the student's forward/backward (the loss and the operator stay float32)
@@ -111,7 +112,7 @@ class TrainConfig:
         if self.schedule != "step":
             unused |= {"lr_step_epochs", "lr_gamma"}
         decisive = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
-        return without_later_defaults(decisive, {"bn_updates": 0, "hyper_jvp": "exact"})
+        return without_later_defaults(decisive, {"bn_updates": 0, "hyper_jvp": "exact", "init": None})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

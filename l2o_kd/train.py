@@ -98,10 +98,23 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, dict | None]
 
 
 def run_fingerprint(cfg: TrainConfig, teacher_file: Path | None) -> dict[str, Any]:
-    """What decides the run's result: its decisive config, with the teacher and a learned operator by
-    content (a learned operator's path does not matter, its bytes do)."""
+    """What decides the run's result: its decisive config, with the teacher, a learned operator and the
+    initial weights by content (their paths do not matter, their bytes do)."""
     learned = file_digest(cfg.operator) if cfg.learned else None
-    return {**cfg.decisive(), "operator": learned or cfg.operator, "teacher": file_digest(teacher_file)}
+    fingerprint = {**cfg.decisive(), "operator": learned or cfg.operator, "teacher": file_digest(teacher_file)}
+    if cfg.init:
+        fingerprint["init"] = file_digest(cfg.init)
+    return fingerprint
+
+
+def initial_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """Load ``cfg.init``'s weights (a teacher or student checkpoint of the same model) into ``model``."""
+    if not Path(cfg.init).is_file():
+        raise UserError(f"--init: checkpoint not found: {cfg.init}")
+    ck = ckpt_io.load_checkpoint(cfg.init, kind="model")
+    if ck["model"] != cfg.model:
+        raise UserError(f"--init: {cfg.init} holds a {ck['model']!r}, not a {cfg.model!r}")
+    model.load_state_dict({**ck["params"], **ck["buffers"]})
 
 
 def _check_resume(ck: dict, fingerprint: dict[str, Any], run_dir: Path) -> None:
@@ -144,7 +157,10 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
     steps_per_epoch, total_steps = run_length(cfg.steps, cfg.epochs, len(splits.train_y), cfg.batch_size)
     eval_loaders = {s: BatchLoader(*_share(splits.split(s), dist), 1000, shuffle=False, **loader_kw) for s in ("val", "test")}
 
-    model = build_model(cfg.model, seed=cfg.seed).to(dev)
+    model = build_model(cfg.model, seed=cfg.seed)
+    if cfg.init:
+        initial_weights(cfg, model)
+    model = model.to(dev)
     if dist:
         cross_rank_batchnorm(model)
     if cfg.channels_last:

@@ -99,6 +99,34 @@ def test_resume_refuses_a_run_that_decides_its_result_differently(tmp_path, teac
         train(TrainConfig(**{**cfg.__dict__, "steps": 2}), resume=True)
 
 
+def test_a_run_can_start_from_a_saved_model_and_refuses_one_of_another_model(tmp_path, teacher_ckpt):
+    """--init: the first evaluation is the saved model's own (the same weights and BatchNorm statistics:
+    the same accuracy, up to one image whose top two logits tie within rounding), the file enters the fingerprint by content, and a missing file or another
+    architecture is one clear error."""
+    init = tmp_path / "init.pt"
+    shutil.copy(teacher_ckpt, init)
+    cfg = TrainConfig(model="tiny_wide", beta=0.0, init=str(init), steps=2, lr=0.01, eval_at_start=True, runs_dir=str(tmp_path), run_name="ft",
+                      tensorboard=False, **FAST)
+    train(cfg)
+    splits = load_splits("synthetic")
+    model, _ = load_model_checkpoint(teacher_ckpt)
+    val_x, val_y = splits.split("val")
+    saved_acc = (predict(model, val_x, splits.dataset.mean, splits.dataset.std).argmax(1) == val_y).float().mean().item()
+    assert read_metrics(tmp_path / "ft")[0]["val_acc"] == pytest.approx(saved_acc, abs=1.5 / len(val_y))
+    scratch = train(TrainConfig(**{**cfg.__dict__, "init": None, "run_name": "scratch"}))
+    assert abs(read_metrics(tmp_path / "scratch")[0]["val_acc"] - saved_acc) > 0.2  # (an untrained net is near chance)
+    assert scratch["step"] == 2
+    state = load_checkpoint(init, kind="model")
+    state["params"] = {k: v + 1e-3 for k, v in state["params"].items()}
+    save_checkpoint(init, "model", state["config"], **{k: state[k] for k in ("model", "params", "buffers", "train_state")})
+    with pytest.raises(UserError, match="--resume: init is"):
+        train(cfg, resume=True)
+    with pytest.raises(UserError, match="--init: checkpoint not found"):
+        train(TrainConfig(**{**cfg.__dict__, "init": str(tmp_path / "none.pt"), "run_name": "a"}))
+    with pytest.raises(UserError, match="holds a 'tiny_wide', not a 'tiny'"):
+        train(TrainConfig(**{**cfg.__dict__, "model": "tiny", "run_name": "b"}))
+
+
 def test_cached_teacher_logits_reproduce_teacher_accuracy(teacher_ckpt):
     splits = load_splits("synthetic")
     model, _ = load_model_checkpoint(teacher_ckpt)
