@@ -334,11 +334,12 @@ def _set_threads(threads: int | None) -> None:
 @click.option("--device", default=T.device, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(checkpoint, split, data_root, device, as_json):
-    """Accuracy and loss of a saved teacher or student on a split."""
+    """Accuracy, loss and median top-1 logit margin of a saved teacher or student on a split."""
     from .evaluate import evaluate_checkpoint
 
     res = evaluate_checkpoint(checkpoint, split, data_root, device)
-    click.echo(json.dumps(res) if as_json else f"{res['model']} on {res['dataset']} {split}: accuracy {res['accuracy']:.4f}, loss {res['loss']:.4f} (n={res['n']})")
+    click.echo(json.dumps(res) if as_json else f"{res['model']} on {res['dataset']} {split}: accuracy {res['accuracy']:.4f}, loss {res['loss']:.4f}, "
+               f"median top-1 margin {res['median_margin']:.2f} (n={res['n']})")
 
 
 def main(argv=None) -> None:

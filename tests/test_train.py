@@ -11,6 +11,7 @@ from l2o_kd.cli import main
 from l2o_kd.config import TrainConfig
 from l2o_kd.data import load_splits
 from l2o_kd.errors import UserError
+from l2o_kd.evaluate import top1_margin
 from l2o_kd.models import build_model
 from l2o_kd.operators.learned import SHIPPED_OPERATOR
 from l2o_kd.runlog import read_metrics
@@ -219,9 +220,20 @@ def test_damaged_tensor_bytes_are_refused_by_the_digest(tmp_path, capsys):
 
 
 def test_evaluate_json(tmp_path, capsys, teacher_ckpt):
+    """The command's numbers are those of the eval-mode logits the students are taught with; the margin
+    by hand on three rows (largest minus second largest logit)."""
     main(["evaluate", str(teacher_ckpt), "--split", "val", "--json"])
     res = json.loads(capsys.readouterr().out)
-    assert res["split"] == "val" and res["n"] > 0 and 0.5 < res["accuracy"] <= 1 and res["loss"] > 0
+    splits = load_splits("synthetic")
+    model, _ = load_model_checkpoint(teacher_ckpt)
+    val_x, val_y = splits.split("val")
+    logits = predict(model, val_x, splits.dataset.mean, splits.dataset.std)
+    assert res["split"] == "val" and res["n"] == len(val_y) and 0.5 < res["accuracy"] <= 1
+    assert res["accuracy"] == pytest.approx(read_metrics(teacher_ckpt.parent)[-1]["val_acc"], abs=1.5 / len(val_y))  # what training logged
+    assert res["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, val_y).item(), rel=1e-5)
+    assert res["median_margin"] == pytest.approx(top1_margin(logits).median().item(), rel=1e-6) and res["median_margin"] > 0
+    rows = torch.tensor([[1.0, 5.0, 2.0], [0.0, -1.0, -3.0], [4.0, 4.0, 1.0]])
+    assert top1_margin(rows).tolist() == [3.0, 1.0, 0.0]
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
