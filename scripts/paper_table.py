@@ -25,7 +25,7 @@ from l2o_kd.train import run_length
 PAPER = {"nokd": 0.55, "naive": 0.55, "random": 0.54, "greedy": 0.57, "tpe": 0.55, "extrapolate": 0.57}  # its reduced-set table
 ORDER = ("nokd", "naive", "random", "greedy", "extrapolate", "tpe", "nokd-bn3")
 CONFIG_KEYS = ("seed", "beta", "temperature", "kd_form", "tune_kd", "hyper_clip_mode", "hyper_lookahead", "lr", "schedule", "train_subset",
-               "epochs", "bn_updates")
+               "epochs", "bn_updates", "teacher")
 TRAIN_SPLIT = 45_000  # the train split's size (a run without --train-subset)
 
 

@@ -21,9 +21,10 @@ l2o_kd/hypergrad.py): KD loss (1-β) CE + β KL (no T²), each hypergradient com
 Finished runs are read back, so an interrupted reproduction redoes only what is missing.
 
 Ablations change one of the protocol's three semantics at a time: ``--kd-form``, ``--hyper-clip-mode``,
-``--hyper-lookahead`` (default: the protocol's). A run that differs from its protocol is named
-``METHOD-VALUE-sSEED`` (e.g. ``greedy-hinton-s3``: the paper's protocol with the T² factor back), so its rows
-never mix with the protocol's own.
+``--hyper-lookahead`` (default: the protocol's), or its teacher (``--teacher CKPT``, default the shipped one). A
+run that differs from its protocol is named ``METHOD-VALUE-sSEED`` (e.g. ``greedy-hinton-s3``: the paper's protocol
+with the T² factor back; a teacher's VALUE is its file name without ``teacher-``, e.g. ``greedy-resnet20-sharp-s3``),
+so its rows never mix with the protocol's own.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--kd-form", choices=KD_FORMS, default=None, help="ablation: this KD convention instead of the protocol's")
     ap.add_argument("--hyper-clip-mode", choices=CLIP_MODES, default=None, help="ablation: this hypergradient clipping instead of the protocol's")
     ap.add_argument("--hyper-lookahead", choices=LOOKAHEADS, default=None, help="ablation: this look-ahead instead of the protocol's")
+    ap.add_argument("--teacher", default=None, help="ablation: this teacher checkpoint instead of the shipped one")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="[default: results/paper, results/paper-protocol with --protocol paper]")
     args = ap.parse_args()
@@ -99,6 +101,13 @@ def main() -> None:
         ap.error(f"--protocol paper: seeds index the paper's {len(PAPER_DRAWS)} draws, 0..{len(PAPER_DRAWS) - 1}")
     ablation = {k: v for k in ("kd_form", "hyper_clip_mode", "hyper_lookahead") if (v := getattr(args, k)) not in (None, PROTOCOLS[args.protocol][k])}
     tag = "".join(f"-{v}" for v in ablation.values())  # in every run name of an ablation
+    if args.teacher:
+        if not Path(args.teacher).is_file():
+            ap.error(f"--teacher: no such file {args.teacher}")
+        if {"nokd", "nokd-bn3", "lstm"} & set(args.methods.split(",")):
+            ap.error("--teacher: nokd and nokd-bn3 use no teacher, and lstm is not a row of the paper's: leave them out")
+        ablation["teacher"] = args.teacher
+        tag += "-" + Path(args.teacher).stem.removeprefix("teacher-")
     for method in args.methods.split(","):
         base = dict(model="tiny", data_root=args.data_root, operator="sgd", lr=1.0, momentum=0.0, schedule="step", lr_step_epochs=10, lr_gamma=0.5, epochs=args.epochs,
                     train_subset=args.train_subset or None, hyper_lr=0.25, hyper_clip=0.01, progress=False, **{**PROTOCOLS[args.protocol], **ablation})
