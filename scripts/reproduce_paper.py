@@ -41,6 +41,7 @@ from l2o_kd.config import CLIP_MODES, KD_FORMS, LOOKAHEADS, SearchConfig, TrainC
 from l2o_kd.data import load_splits
 from l2o_kd.runlog import read_metrics
 from l2o_kd.search import search
+from l2o_kd.teacher import DEFAULT_TEACHER
 from l2o_kd.train import train
 
 PROTOCOLS = {
@@ -101,7 +102,7 @@ def main() -> None:
         ap.error(f"--protocol paper: seeds index the paper's {len(PAPER_DRAWS)} draws, 0..{len(PAPER_DRAWS) - 1}")
     ablation = {k: v for k in ("kd_form", "hyper_clip_mode", "hyper_lookahead") if (v := getattr(args, k)) not in (None, PROTOCOLS[args.protocol][k])}
     tag = "".join(f"-{v}" for v in ablation.values())  # in every run name of an ablation
-    if args.teacher:
+    if args.teacher and Path(args.teacher).resolve() != DEFAULT_TEACHER.resolve():
         if not Path(args.teacher).is_file():
             ap.error(f"--teacher: no such file {args.teacher}")
         if {"nokd", "nokd-bn3", "lstm"} & set(args.methods.split(",")):
