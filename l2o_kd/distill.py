@@ -85,7 +85,8 @@ def batch_ce(model, params, buffers, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 def kd_logit_gradient(s: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, beta, temperature, kd_form: str = TrainConfig.kd_form) -> torch.Tensor:
     """d L / d s for student logits ``s``: ``(1-beta) (softmax(s) - onehot(y)) / n + beta delta_KD / n`` with
-    ``delta_KD`` from :func:`_kd_delta` (``T (p - q)`` for hinton, ``(p - q) / T`` for paper)."""
+    ``delta_KD`` from :func:`_kd_delta` (``T (p - q)`` for hinton, ``(p - q) / T`` for paper, ``p (log p - log q - KL) / T``
+    for reverse)."""
     n = len(y)
     delta_ce = (F.softmax(s, 1) - F.one_hot(y, s.shape[1]).to(s)) / n
     return (1 - beta) * delta_ce + beta * _kd_delta(s, teacher, temperature, kd_form) / n
