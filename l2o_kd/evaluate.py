@@ -24,8 +24,7 @@ def evaluate_checkpoint(path: str, split: str = "test", data_root: str | None = 
     cfg = ck["config"]
     splits = load_splits(cfg.get("dataset", "cifar10"), data_root or cfg.get("data_root"))
     x, y = splits.split(split)
-    with torch.no_grad():
-        logits = predict(model, x, splits.dataset.mean, splits.dataset.std, device)
+    logits = predict(model, x, splits.dataset.mean, splits.dataset.std, device)
     return {
         "model": ck["model"],
         "dataset": splits.dataset.name,

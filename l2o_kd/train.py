@@ -29,7 +29,7 @@ from .models import apply, build_model, split_state
 from .operators import Operator, Schedule, StepContext, classic_operator, global_norm
 from .runlog import RunLog, read_metrics
 from .step import training_step
-from .teacher import Teacher, teacher_path
+from .teacher import Teacher, load_model_checkpoint, teacher_path
 
 
 def run_length(steps: int | None, epochs: float, n_train: int, batch_size: int) -> tuple[int, int]:
@@ -111,10 +111,10 @@ def initial_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
     """Load ``cfg.init``'s weights (a teacher or student checkpoint of the same model) into ``model``."""
     if not Path(cfg.init).is_file():
         raise UserError(f"--init: checkpoint not found: {cfg.init}")
-    ck = ckpt_io.load_checkpoint(cfg.init, kind="model")
+    saved, ck = load_model_checkpoint(cfg.init)  # (weights that do not fit their own model: one UserError line)
     if ck["model"] != cfg.model:
         raise UserError(f"--init: {cfg.init} holds a {ck['model']!r}, not a {cfg.model!r}")
-    model.load_state_dict({**ck["params"], **ck["buffers"]})
+    model.load_state_dict(saved.state_dict())
 
 
 def _check_resume(ck: dict, fingerprint: dict[str, Any], run_dir: Path) -> None:
