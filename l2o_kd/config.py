@@ -247,6 +247,8 @@ ES_PARAMS = {  # which operator weights --es-params meta-trains, by any method (
     "bias": ("coord_out.bias", "head.2.bias"),  # the output biases: base beta, T, step scale, step magnitude, drift
     "head-bias": ("head.2.bias",),  # the global head's biases: base beta, T and step scale
     "schedule": ("head.2.bias", "schedule."),  # those biases and their slopes in progress t/T
+    "mix": ("mix",),  # an operator made with mix=True: the weights of its terms (the shape of every coordinate's update)
+    "mix-schedule": ("mix", "head.2.bias", "schedule."),  # those and the schedule
 }
 
 

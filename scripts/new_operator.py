@@ -34,13 +34,14 @@ def main() -> None:
     ap.add_argument("--base-scale", type=float, default=d.base_scale)
     ap.add_argument("--normalize-update", action="store_true")
     ap.add_argument("--rms-floor", type=float, default=d.rms_floor)
+    ap.add_argument("--mix", action="store_true", help="the prior direction a learned mix of terms (LSTMOperatorConfig.mix)")
     ap.add_argument("--head-from", default=None, help="take the global head over from this operator checkpoint")
     ap.add_argument("--seed", type=int, default=0, help="initialization of the new weights")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     cfg = LSTMOperatorConfig(hidden=args.hidden, base_scale=args.base_scale, normalize_update=args.normalize_update,
-                             per_coordinate=args.per_coordinate, coord_hidden=args.coord_hidden, rms_floor=args.rms_floor)
+                             per_coordinate=args.per_coordinate, coord_hidden=args.coord_hidden, rms_floor=args.rms_floor, mix=args.mix)
     net = LSTMOperatorNet(cfg)
     if args.head_from:
         source = load_operator(args.head_from).net

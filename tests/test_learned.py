@@ -258,3 +258,62 @@ def test_wrong_checkpoint_kind_is_refused(tmp_path):
     save_checkpoint(tmp_path / "m.pt", "model", {}, model="tiny", params={}, buffers={})
     with pytest.raises(UserError, match="'operator' checkpoint is needed"):
         load_operator(tmp_path / "m.pt")
+
+
+def _steps(op, params, n, grad_seed=0):
+    """``n`` operator steps on fixed random gradients; the parameters after each."""
+    state, out = op.init(params), []
+    gen = torch.Generator().manual_seed(grad_seed)
+    for step in range(n):
+        grads = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) * (1 + i) for i, (k, v) in enumerate(params.items())}
+        with torch.no_grad():
+            params, state, _ = op.step(params, grads, state, StepContext(step, 50, 1.0, 1.0, 0.5))
+        out.append(params)
+    return out
+
+
+def test_an_operator_with_the_mix_at_its_initialization_steps_exactly_as_one_without_it():
+    model, _ = _problem(torch.float32)
+    params, _ = split_state(model)
+    runs = []
+    for mix in (False, True):
+        torch.manual_seed(0)
+        runs.append(_steps(LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, mix=mix))), params, 4))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(*runs) for k in a)
+
+
+def test_the_mix_on_its_adam_term_steps_in_adams_direction_in_every_tensor():
+    """Adam's update and the operator's (coordinate corrections off, all weight on the Adam term) differ per
+    tensor by a positive factor only: bias corrections and step sizes are per-tensor constants, and the
+    operator's update has unit RMS per tensor before the global head sizes it."""
+    model, _ = _problem(torch.float64)
+    params, _ = split_state(model)
+    torch.manual_seed(0)
+    op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, mix=True)).double())
+    with torch.no_grad():
+        op.net.coord_out.weight.zero_()
+        op.net.mix.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]))
+    mine = [params] + _steps(op, params, 5, grad_seed=1)
+    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    adam = torch.optim.Adam(ref.values(), lr=1e-2, eps=1e-14)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        before = {k: v.detach().clone() for k, v in ref.items()}
+        for i, v in enumerate(ref.values()):
+            v.grad = torch.randn(v.shape, generator=gen, dtype=v.dtype) * (1 + i)
+        adam.step()
+        for k in ref:
+            a, b = ref[k].detach() - before[k], mine[step + 1][k] - mine[step][k]
+            torch.testing.assert_close(b / b.pow(2).mean().sqrt(), a / a.pow(2).mean().sqrt(), rtol=1e-6, atol=1e-9)
+
+
+def test_the_schedule_only_ablation_resets_the_mix_to_the_designed_prior():
+    from l2o_kd.operators.learned import ablated, prior_mix
+
+    torch.manual_seed(0)
+    op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", mix=True)))
+    with torch.no_grad():
+        op.net.mix.copy_(torch.tensor([0.3, 0.2, 0.1, 0.5, 0.4]))
+    cut = ablated(op, "schedule-only")
+    assert torch.equal(cut.net.mix, prior_mix(cut.net.cfg)) and not torch.equal(op.net.mix, cut.net.mix)
+    assert float(cut.net.coord_out.weight.detach().abs().max()) == 0.0

@@ -67,10 +67,19 @@ class LSTMOperatorConfig:
     # in front of BatchNorm) the inputs are then ~0 instead of unit-size rounding noise, and without
     # normalize_update its step is negligible instead of full-size in a rounding-determined direction. 0: no floor.
     rms_floor: float = 0.0
+    # True: the prior direction is a learned mix (``LSTMOperatorNet.mix``, one weight per term, initialized to
+    # the designed prior) of per-tensor unit-RMS terms: the running averages m_hat(timescale), Adam's
+    # m(0.9) / sqrt(v) (v the running mean square of the gradient, 0.999) and sign(m(0.9)). A few weights that
+    # change the shape of every coordinate's update, e.g. towards Adam's per-coordinate normalization.
+    mix: bool = False
 
     @property
     def n_inputs(self) -> int:
         return 2 + len(self.timescales) + 1  # log|g|, sign g, normalized momenta, progress
+
+    @property
+    def n_terms(self) -> int:
+        return len(self.timescales) + 2  # m_hat per timescale, Adam's direction, sign(m)
 
     @property
     def n_tensor_inputs(self) -> int:
@@ -100,6 +109,8 @@ class LSTMOperatorNet(nn.Module):
             self.head[-1].weight.mul_(0.01)
             self.head[-1].bias.zero_()
             self.schedule.weight.zero_()
+        if cfg.mix:  # after every random initialization: the other weights are those of an operator without it
+            self.mix = nn.Parameter(prior_mix(cfg))
         self.register_buffer("beta_bias", torch.tensor(_logit(cfg.beta_init)))
         self.register_buffer("temperature_bias", torch.tensor(_logit((cfg.temperature_init - T_MIN) / (T_MAX - T_MIN))))
 
@@ -152,6 +163,7 @@ class LSTMOperator(Operator):
         units = self.net.units([p.numel() for p in params.values()])
         return {
             "momenta": z(len(c.timescales), n),
+            **({"second": z(1, n)} if c.mix else {}),
             "h": z(c.layers, units, c.hidden),
             "c": z(c.layers, units, c.hidden),
             "beta": torch.sigmoid(self.net.beta_bias).to(ref),
@@ -178,7 +190,17 @@ class LSTMOperator(Operator):
             torch.full_like(g, ctx.progress)[None],
         ])  # n_inputs x N
         coord, pooled, h, c = self.net.corrections(features, ms_momenta, g, sizes, state["h"], state["c"])
-        direction = -m_hat[self.cfg.timescales.index(0.9) if 0.9 in self.cfg.timescales else 0] + coord[0]
+        mid = _prior_index(self.cfg)
+        mixed = {}
+        if self.cfg.mix:
+            second = ADAM_DECAY * state["second"] + (1 - ADAM_DECAY) * g**2
+            adam = momenta[mid:mid + 1] / (torch.sqrt(second) + 1e-12)
+            adam = adam / _broadcast(torch.sqrt(floored(_tensor_means(adam**2, sizes), adam, self.cfg.rms_floor) + 1e-16), sizes)
+            prior = self.net.mix @ torch.cat([m_hat, adam, torch.sign(momenta[mid:mid + 1])])
+            mixed = {"second": second}
+        else:
+            prior = m_hat[mid]
+        direction = -prior + coord[0]
         magnitude = coord[1].clamp(-5, 3)
 
         loss = float(ctx.loss) if math.isfinite(float(ctx.loss)) else 0.0
@@ -193,6 +215,7 @@ class LSTMOperator(Operator):
         new_params = {k: params[k] + u.view_as(params[k]) for k, u in zip(names, update.split(sizes))}
         new_state = {
             "momenta": momenta,
+            **mixed,
             "h": h,
             "c": c,
             "beta": torch.sigmoid(o[0] + self.net.beta_bias),
@@ -210,8 +233,9 @@ class LSTMOperator(Operator):
 
 # Ablations of a learned operator (``compare --operators ckpt:PATH@VARIANT``): what each removes.
 VARIANTS = {
-    "schedule-only": "the per-coordinate read-out (coord_out) zeroed: every coordinate's update is the designed prior -m_hat(0.9) "
-                     "sized by the global head, which keeps its schedule (the LSTM still runs: its pooled state feeds the head)",
+    "schedule-only": "the per-coordinate read-out (coord_out) zeroed and the mix of terms (if any) reset to its initialization: "
+                     "every coordinate's update is the designed prior -m_hat(0.9) sized by the global head, which keeps its "
+                     "schedule (the LSTM still runs: its pooled state feeds the head)",
 }
 
 
@@ -223,6 +247,8 @@ def ablated(operator: LSTMOperator, variant: str) -> LSTMOperator:
     with torch.no_grad():
         net.coord_out.weight.zero_()
         net.coord_out.bias.zero_()
+        if net.cfg.mix:
+            net.mix.copy_(prior_mix(net.cfg))
     return LSTMOperator(net)
 
 
@@ -236,6 +262,21 @@ def load_operator(path, device: str = "cpu") -> LSTMOperator:
     except (TypeError, RuntimeError) as exc:
         raise UserError(f"{path}: operator weights do not fit its config ({str(exc).splitlines()[0]})") from exc
     return LSTMOperator(net.to(device))
+
+
+ADAM_DECAY = 0.999  # the running mean square of the gradient in the mix's Adam term (Adam's beta_2)
+
+
+def _prior_index(cfg: LSTMOperatorConfig) -> int:
+    """Which running average the designed prior follows: that of timescale 0.9 (else the first)."""
+    return cfg.timescales.index(0.9) if 0.9 in cfg.timescales else 0
+
+
+def prior_mix(cfg: LSTMOperatorConfig) -> torch.Tensor:
+    """The mix weights of the designed prior: all on m_hat(0.9)."""
+    w = torch.zeros(cfg.n_terms)
+    w[_prior_index(cfg)] = 1.0
+    return w
 
 
 _LENGTHS: dict = {}
