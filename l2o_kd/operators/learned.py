@@ -8,6 +8,8 @@ Per coordinate:
 * output: ``step = base_scale * scale_t * exp(magnitude) * direction`` with
   ``direction = -m_hat(0.9) + d``: the skip term makes a fresh operator a per-tensor normalized
   momentum method, stable at initialization; the learned part gives the corrections (d, magnitude).
+  With ``mix`` the prior -m_hat(0.9) is a learned mix of classic directions (m_hat per timescale,
+  Adam's m / sqrt(v), sign m), each of unit RMS per tensor, starting at -m_hat(0.9).
 
 Where the corrections come from (``per_coordinate``):
 
