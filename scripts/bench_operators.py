@@ -119,6 +119,11 @@ def _bytes(tree) -> int:
     return tree.numel() * tree.element_size() if isinstance(tree, torch.Tensor) else 0
 
 
+def _times(ratio: float) -> str:
+    """A ratio as the tables print it; "–" where there was nothing to divide by (no SGD cell)."""
+    return "–" if ratio != ratio else f"{ratio:.2f}x"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--operators", default="sgd,adam,sgd+greedy,ckpt:checkpoints/operator.pt")
@@ -163,7 +168,7 @@ def main() -> None:
         res = bench(student, specs, args.batch_size, args.repeats, args.device, hyper_jvp=args.hyper_jvp)
         for label, r in res.items():
             line = (
-                f"| {student} | {label} | {r['step_ms']:.2f} | {r['op_ms']:.2f} | {r['ratio']:.2f}x | {r['ratio_sgd']:.2f}x | "
+                f"| {student} | {label} | {r['step_ms']:.2f} | {r['op_ms']:.2f} | {r['ratio']:.2f}x | {_times(r['ratio_sgd'])} | "
                 f"{r['state_mib']:.2f} | {r['peak_mib']:.0f} |"
             )
             lines.append(line)
