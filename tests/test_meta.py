@@ -194,8 +194,9 @@ def test_some_weights_are_meta_trained_from_a_saved_operator_and_only_those_move
         assert moved == name.startswith(moving), name
 
 
-def test_es_params_naming_weights_the_operator_lacks_are_refused(tmp_path, teacher_ckpt):
-    cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), method="pes", es_params="coord-mlp", curriculum="12", meta_steps=1,
+@pytest.mark.parametrize("es_params,missing", [("coord-mlp", "coord_in"), ("mix-schedule", "mix")])
+def test_es_params_naming_weights_the_operator_lacks_are_refused(tmp_path, teacher_ckpt, es_params, missing):
+    cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), method="pes", es_params=es_params, curriculum="12", meta_steps=1,
                      validate_every=1, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64, runs_dir=str(tmp_path), progress=False)
-    with pytest.raises(UserError, match="has no weights coord_in"):
-        meta_train(cfg)  # a fresh operator with a per-coordinate LSTM has no per-coordinate MLP
+    with pytest.raises(UserError, match=f"has no weights {missing}"):
+        meta_train(cfg)  # a fresh operator has a per-coordinate LSTM (no per-coordinate MLP) and no mix
