@@ -9,7 +9,7 @@ from l2o_kd.distill import kd_gradient
 from l2o_kd.errors import UserError
 from l2o_kd.models import split_state
 from l2o_kd.operators import StepContext, global_norm
-from l2o_kd.operators.learned import T_MAX, T_MIN, LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
+from l2o_kd.operators.learned import T_MAX, T_MIN, LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, ablated, load_operator, prior_mix
 
 
 def _problem(dtype=torch.float64):
@@ -308,8 +308,6 @@ def test_the_mix_on_its_adam_term_steps_in_adams_direction_in_every_tensor():
 
 
 def test_the_schedule_only_ablation_resets_the_mix_to_the_designed_prior():
-    from l2o_kd.operators.learned import ablated, prior_mix
-
     torch.manual_seed(0)
     op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", mix=True)))
     with torch.no_grad():

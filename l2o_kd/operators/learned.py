@@ -184,7 +184,7 @@ class LSTMOperator(Operator):
         decay = torch.tensor(self.cfg.timescales, device=g.device, dtype=g.dtype)[:, None]
         momenta = decay * state["momenta"] + (1 - decay) * g
         ms_momenta = floored(_tensor_means(momenta**2, sizes), momenta, self.cfg.rms_floor)  # K x tensors
-        m_hat = momenta / _broadcast(torch.sqrt(ms_momenta + 1e-16), sizes)
+        m_hat = _unit_rms(momenta, ms_momenta, sizes)
         features = torch.cat([
             (torch.log(g.abs() + 1e-30) / P).clamp(-1, 1)[None],
             (g * math.exp(P)).clamp(-1, 1)[None],
@@ -197,7 +197,7 @@ class LSTMOperator(Operator):
         if self.cfg.mix:
             second = ADAM_DECAY * state["second"] + (1 - ADAM_DECAY) * g**2
             adam = momenta[mid:mid + 1] / (torch.sqrt(second) + 1e-12)
-            adam = adam / _broadcast(torch.sqrt(floored(_tensor_means(adam**2, sizes), adam, self.cfg.rms_floor) + 1e-16), sizes)
+            adam = _unit_rms(adam, floored(_tensor_means(adam**2, sizes), adam, self.cfg.rms_floor), sizes)
             prior = self.net.mix @ torch.cat([m_hat, adam, torch.sign(momenta[mid:mid + 1])])
             mixed = {"second": second}
         else:
@@ -212,7 +212,7 @@ class LSTMOperator(Operator):
         scale = torch.exp(o[2].clamp(-5, 5))
         shape = torch.exp(magnitude) * direction
         if self.cfg.normalize_update:
-            shape = shape / _broadcast(torch.sqrt(_tensor_means(shape[None] ** 2, sizes) + 1e-16), sizes)[0]
+            shape = _unit_rms(shape[None], _tensor_means(shape[None] ** 2, sizes), sizes)[0]
         update = self.cfg.base_scale * scale * shape
         new_params = {k: params[k] + u.view_as(params[k]) for k, u in zip(names, update.split(sizes))}
         new_state = {
@@ -294,6 +294,11 @@ def floored(ms: torch.Tensor, x: torch.Tensor, rms_floor: float) -> torch.Tensor
     """Mean squares over each tensor (K x tensors) of the rows of ``x`` (K x N), floored at
     ``rms_floor``^2 times their mean square over all coordinates (0: no floor)."""
     return torch.maximum(ms, rms_floor**2 * (x**2).mean(1, keepdim=True)) if rms_floor else ms
+
+
+def _unit_rms(x: torch.Tensor, ms: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """The rows of ``x`` (K x N) divided, tensor by tensor, by the root of their mean squares ``ms`` (K x tensors)."""
+    return x / _broadcast(torch.sqrt(ms + 1e-16), sizes)
 
 
 def _broadcast(v: torch.Tensor, sizes: list[int]) -> torch.Tensor:
