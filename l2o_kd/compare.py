@@ -64,7 +64,7 @@ class OperatorSpec:
     label: str
     base: str
     tune_kd: str | None = None
-    variant: str | None = None  # an ablation of a learned operator (operators.learned.VARIANTS)
+    variant: str | None = None  # a variant of a learned operator (operators.learned.VARIANTS)
 
     @property
     def learned(self) -> bool:
@@ -75,12 +75,16 @@ class OperatorSpec:
         spec = spec.strip()
         if spec.startswith("ckpt:") or spec.endswith(".pt"):
             path, variant = spec.removeprefix("ckpt:"), None
-            from .operators.learned import VARIANTS, load_operator
+            from .operators.learned import VARIANTS, load_operator, step_factor
 
-            if "@" in path and path.rpartition("@")[2] in VARIANTS:
+            if not path.endswith(".pt"):
                 path, _, variant = path.rpartition("@")
-            elif not path.endswith(".pt"):
-                raise UserError(f"{spec!r}: a learned operator is ckpt:PATH.pt or ckpt:PATH.pt@VARIANT, VARIANT one of {', '.join(VARIANTS)}")
+                if not path.endswith(".pt"):
+                    raise UserError(f"{spec!r}: a learned operator is ckpt:PATH.pt or ckpt:PATH.pt@VARIANT, VARIANT one of {', '.join(VARIANTS)}")
+                try:
+                    step_factor(variant)  # a bad variant fails here
+                except UserError as exc:
+                    raise UserError(f"{spec!r}: {exc}") from None
             load_operator(path)  # a missing or wrong checkpoint fails here, before any run
             return cls(label=Path(path).stem + (f"@{variant}" if variant else ""), base=path, variant=variant)
         base, _, method = spec.partition("+")
@@ -181,16 +185,16 @@ def check_learned_operators(out: Path, specs: list[OperatorSpec]) -> None:
 
 
 def materialize_variant(spec: OperatorSpec, out: Path) -> OperatorSpec:
-    """An ablated learned operator as a checkpoint of its own in ``out/operators/`` (written once: its
+    """A variant of a learned operator as a checkpoint of its own in ``out/operators/`` (written once: its
     source is guarded by :func:`check_learned_operators`), so its runs are ordinary learned-operator runs."""
     if spec.variant is None:
         return spec
-    from .operators.learned import ablated, load_operator
+    from .operators.learned import load_operator, with_variant
 
     path = out / "operators" / f"{spec.label}.pt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        ablated(load_operator(spec.base), spec.variant).save(path, ablation={"source": spec.base, "variant": spec.variant})
+        with_variant(load_operator(spec.base), spec.variant).save(path, variant={"source": spec.base, "name": spec.variant})
     return replace(spec, base=str(path))
 
 

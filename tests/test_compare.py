@@ -13,6 +13,8 @@ from l2o_kd import seeds
 from l2o_kd.compare import OperatorSpec, compare, lr_grid, parse_specs, read_results, summarize
 from l2o_kd.config import CompareConfig
 from l2o_kd.errors import UserError
+from l2o_kd.models import build_model, split_state
+from l2o_kd.operators.base import StepContext
 from l2o_kd.operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from l2o_kd.runlog import read_metrics
 
@@ -290,5 +292,24 @@ def test_the_schedule_only_ablation_runs_the_operator_without_its_per_coordinate
     ablation = load_operator(tmp_path / "cmp" / "operators" / "op@schedule-only.pt")
     for name, w in op.net.state_dict().items():  # only the per-coordinate read-out differs, and it is zero
         assert torch.equal(ablation.net.state_dict()[name], torch.zeros_like(w) if name.startswith("coord_out.") else w), name
-    with pytest.raises(UserError, match="ckpt:PATH.pt@VARIANT"):
-        compare(_cfg(tmp_path, teacher_ckpt, operators=f"ckpt:{tmp_path / 'op.pt'}@nothing", out=str(tmp_path / "other")))
+    for bad in ("nothing", "step=0", "step=-1", "step=x", "step=nan"):
+        with pytest.raises(UserError, match="unknown operator variant .* use schedule-only or step=K"):
+            compare(_cfg(tmp_path, teacher_ckpt, operators=f"ckpt:{tmp_path / 'op.pt'}@{bad}", out=str(tmp_path / "other")))
+
+
+def test_the_step_variant_runs_the_operator_with_every_step_k_times_as_large(tmp_path, teacher_ckpt):
+    torch.manual_seed(0)
+    LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4))).save(tmp_path / "op.pt")
+    compare(_cfg(tmp_path, teacher_ckpt, operators=f"ckpt:{tmp_path / 'op.pt'},ckpt:{tmp_path / 'op.pt'}@step=2.5", seeds=1, steps=3, evals=1))
+    op, big = load_operator(tmp_path / "op.pt"), load_operator(tmp_path / "cmp" / "operators" / "op@step=2.5.pt")
+    assert big.cfg.base_scale == 2.5 * op.cfg.base_scale
+    assert all(torch.equal(big.net.state_dict()[k], w) for k, w in op.net.state_dict().items())
+    params, _ = split_state(build_model("tiny", seed=0))
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    ctx = StepContext(0, 100, 2.3, 2.3, 0.5)
+    with torch.no_grad():
+        (a, _, _), (b, _, _) = op.step(params, grads, op.init(params), ctx), big.step(params, grads, big.init(params), ctx)
+    for k in params:  # the same update 2.5 times as large, up to the rounding of w + u (|w| <= ~1: a few ulps of 1)
+        torch.testing.assert_close(b[k] - params[k], 2.5 * (a[k] - params[k]), rtol=1e-5, atol=5e-7)
+    finals = {r["operator"]: r for r in read_results(tmp_path / "cmp") if r["final"]}
+    assert set(finals) == {"op", "op@step=2.5"} and finals["op"]["val_loss"] != finals["op@step=2.5"]["val_loss"]

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -233,18 +233,44 @@ class LSTMOperator(Operator):
         save_checkpoint(path, "operator", self.config(), operator="lstm", weights=self.net.state_dict(), **extra)
 
 
-# Ablations of a learned operator (``compare --operators ckpt:PATH@VARIANT``): what each removes.
+# Variants of a learned operator (``compare --operators ckpt:PATH@VARIANT``): what each changes.
 VARIANTS = {
     "schedule-only": "the per-coordinate read-out (coord_out) zeroed and the mix of terms (if any) reset to its initialization: "
                      "every coordinate's update is the designed prior -m_hat(0.9) sized by the global head, which keeps its "
                      "schedule (the LSTM still runs: its pooled state feeds the head)",
+    "step=K": "every step multiplied by K > 0 (base_scale times K, every weight the same): the one scalar to tune on "
+              "validation, as a baseline's lr is, for a student whose best step size differs from the meta-training students'",
 }
 
 
-def ablated(operator: LSTMOperator, variant: str) -> LSTMOperator:
-    """A copy of ``operator`` with the part ``variant`` names (a key of :data:`VARIANTS`) removed."""
-    if variant not in VARIANTS:
-        raise UserError(f"unknown operator variant {variant!r}: use one of {', '.join(VARIANTS)}")
+def step_factor(variant: str) -> float | None:
+    """K of a ``step=K`` variant, None for another variant name; a bad variant is a UserError."""
+    if variant in VARIANTS and variant != "step=K":
+        return None
+    name, _, value = variant.partition("=")
+    try:
+        factor = float(value) if name == "step" else math.nan
+    except ValueError:
+        factor = math.nan
+    if not (math.isfinite(factor) and factor > 0):
+        raise UserError(f"unknown operator variant {variant!r}: use schedule-only or step=K with K a positive number")
+    return factor
+
+
+def with_variant(operator: LSTMOperator, variant: str) -> LSTMOperator:
+    """A copy of ``operator`` changed as ``variant`` (a form of :data:`VARIANTS`) says."""
+    factor = step_factor(variant)
+    if factor is None:
+        return ablated(operator, variant)
+    net = LSTMOperatorNet(replace(operator.cfg, base_scale=operator.cfg.base_scale * factor))
+    net.load_state_dict(operator.net.state_dict())
+    return LSTMOperator(net.to(next(operator.net.parameters()).device))
+
+
+def ablated(operator: LSTMOperator, variant: str = "schedule-only") -> LSTMOperator:
+    """A copy of ``operator`` with its learned per-coordinate part removed (the ``schedule-only`` variant)."""
+    if variant != "schedule-only":
+        raise UserError(f"unknown operator ablation {variant!r}: use schedule-only")
     net = copy.deepcopy(operator.net)
     with torch.no_grad():
         net.coord_out.weight.zero_()
