@@ -9,7 +9,9 @@
    tuning (β, T) adds. ``--tune-kd-grid B:T,...``: the classic operators' fixed (β, T) is tuned too,
    jointly with the lr (every lr × every pair, same seed and score), so a baseline runs at its best
    fixed pair; the KD-tuning variants still start from ``--beta``/``--temperature``, with the lr their
-   base was tuned with (at the base's best pair).
+   base was tuned with (at the base's best pair). ``--tune-step N``: each learned operator gets the same
+   care, its one scalar, the step multiplier K of ``ckpt:PATH@step=K``, tuned over N values from 0.1 to 10
+   (1, the operator as meta-trained, at the centre) by the same score on the same seed.
 3. Run every cell (operator × seed, seeds 0..N-1 within ``seeds.EVAL``) through
    :func:`l2o_kd.train.train`: the same initialization and data order per seed, the same teacher and
    number of steps for every operator. A cell's evaluation rows go to ``results.jsonl`` when it
@@ -122,6 +124,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     specs = [materialize_variant(s, out) for s in specs]
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     lrs, kds = tune_baselines(cfg, specs, splits, steps)
+    specs, factors = tune_learned_steps(cfg, specs, splits, steps)
 
     done = {(r["operator"], r["seed"]) for r in read_results(out) if r.get("final")}
     cells = [(spec, seed) for seed in range(cfg.seeds) for spec in specs]
@@ -140,14 +143,14 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             continue
         rows = read_metrics(Path(run_cfg.runs_dir) / run_cfg.name)
         lr = None if spec.learned else run_cfg.lr
-        cell = {"operator": spec.label, "seed": seed, "base_lr": lr}
+        cell = {"operator": spec.label, "seed": seed, "base_lr": lr, **({"step_factor": factors[spec.label]} if spec.label in factors else {})}
         _append(out / RESULTS, [{**cell, **row, "final": i == len(rows) - 1} for i, row in enumerate(rows)])
         _log_hparams(Path(run_cfg.runs_dir) / run_cfg.name, spec, seed, lr, cfg, rows[-1])
     grid.close()
 
     rows, labels = read_results(out), [s.label for s in specs]
     summary = summarize(rows, cfg.target, labels=labels)
-    summary["lrs"], summary["kds"], summary["steps"] = lrs, kds, steps
+    summary["lrs"], summary["kds"], summary["step_factors"], summary["steps"] = lrs, kds, factors, steps
     (out / SUMMARY).write_text(render_summary(summary, cfg))
     plot_comparison(out, rows, labels, *load_trajectories(out / "runs", rows, labels))
     return summary
@@ -164,8 +167,8 @@ def decisive_config(cfg: CompareConfig, specs: list[OperatorSpec], steps: int) -
     the target, device, progress, output and trajectory points."""
     wants_kd = cfg.beta > 0 or any(beta > 0 for beta, _ in cfg.kd_grid) or any(s.tune_kd or s.learned for s in specs)
     teacher = file_digest(teacher_path(cfg.teacher)) if wants_kd else None
-    decisive = {k: getattr(cfg, k) for k in (*DECISIVE, "hyper_jvp", "kd_grid")}
-    return {**without_later_defaults(decisive, {"hyper_jvp": "exact", "kd_grid": []}), "steps": steps, "teacher": teacher}
+    decisive = {k: getattr(cfg, k) for k in (*DECISIVE, "hyper_jvp", "kd_grid", "tune_step")}
+    return {**without_later_defaults(decisive, {"hyper_jvp": "exact", "kd_grid": [], "tune_step": 0}), "steps": steps, "teacher": teacher}
 
 
 def check_learned_operators(out: Path, specs: list[OperatorSpec]) -> None:
@@ -202,11 +205,32 @@ def materialize_variant(spec: OperatorSpec, out: Path) -> OperatorSpec:
 # Learning-rate tuning
 
 
-def lr_grid(base: str, n: int) -> list[float]:
-    """``n`` values, log-spaced over two decades centred on the operator's default lr."""
+def log_grid(centre: float, n: int) -> list[float]:
+    """``n`` values (3 significant digits), log-spaced over two decades centred on ``centre``."""
     if n == 1:
-        return [DEFAULT_LR[base]]
-    return [float(f"{DEFAULT_LR[base] * 10 ** (-1 + 2 * i / (n - 1)):.3g}") for i in range(n)]
+        return [centre]
+    return [float(f"{centre * 10 ** (-1 + 2 * i / (n - 1)):.3g}") for i in range(n)]
+
+
+def lr_grid(base: str, n: int) -> list[float]:
+    """The lrs ``--tune-lr n`` tries for a classic operator: around its default."""
+    return log_grid(DEFAULT_LR[base], n)
+
+
+def step_grid(n: int) -> list[float]:
+    """The step multipliers K ``--tune-step n`` tries for a learned operator: 0.1 to 10, around 1 (as meta-trained)."""
+    return log_grid(1.0, n)
+
+
+def _tuning_score(cfg: CompareConfig, spec: OperatorSpec, lrs: dict[str, float], name: str, splits, steps: int,
+                  kd: tuple[float, float] | None = None) -> float:
+    """Validation accuracy of one tuning candidate after ``steps`` steps of the student of :data:`TUNE_SEED`
+    (0 for one that diverges: simply a bad candidate)."""
+    run_cfg = _run_config(cfg, spec, TUNE_SEED, steps, lrs, Path(cfg.out) / "tune", evals=1, name=name, kd=kd)
+    try:
+        return train(run_cfg, resume=True, splits=splits)["val_acc"]
+    except Diverged:
+        return 0.0
 
 
 def tune_baselines(cfg: CompareConfig, specs: list[OperatorSpec], splits, steps: int) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
@@ -230,12 +254,7 @@ def tune_baselines(cfg: CompareConfig, specs: list[OperatorSpec], splits, steps:
         k = key(base, lr, kd)
         if k not in scores:
             name = f"{base}-lr{lr:g}" + ("" if kd is None else f"-b{kd[0]:g}-T{kd[1]:g}")
-            run_cfg = _run_config(cfg, OperatorSpec(label=base, base=base), TUNE_SEED, tune_steps, {base: lr}, Path(cfg.out) / "tune",
-                                  evals=1, name=name, kd=kd)
-            try:
-                scores[k] = train(run_cfg, resume=True, splits=splits)["val_acc"]
-            except Diverged:
-                scores[k] = 0.0  # a diverging lr is simply a bad one
+            scores[k] = _tuning_score(cfg, OperatorSpec(label=base, base=base), {base: lr}, name, splits, tune_steps, kd)
             path.write_text(json.dumps(scores, indent=2) + "\n")
     kds = {}
     for base in to_tune:
@@ -244,6 +263,29 @@ def tune_baselines(cfg: CompareConfig, specs: list[OperatorSpec], splits, steps:
             kds[base] = kd
     tqdm.write(f"compare: chosen on validation after {tune_steps} steps: lrs {json.dumps(lrs)}" + (f", (beta, T) {json.dumps(kds)}" if kds else ""))
     return lrs, kds
+
+
+def tune_learned_steps(cfg: CompareConfig, specs: list[OperatorSpec], splits, steps: int) -> tuple[list[OperatorSpec], dict[str, float]]:
+    """With ``cfg.tune_step``: each learned operator not given ``@step=K`` runs as its ``@step=K`` variant with
+    the K of :func:`step_grid` best on validation (scored as the classic lrs are). Returns the specs to run (a
+    tuned one keeps its label, its checkpoint the chosen variant's) and the chosen K per label."""
+    to_tune = [s for s in specs if s.learned and not (s.variant or "").startswith("step=")] if cfg.tune_step else []
+    if not to_tune:
+        return specs, {}
+    path = Path(cfg.out) / TUNING
+    scores = json.loads(path.read_text()) if path.exists() else {}
+    tune_steps = min(cfg.tune_steps, steps)
+    candidates = {s.label: [materialize_variant(OperatorSpec(f"{s.label}@step={k:g}", s.base, variant=f"step={k:g}"), Path(cfg.out))
+                            for k in step_grid(cfg.tune_step)] for s in to_tune}
+    grid = [c for cs in candidates.values() for c in cs]
+    for c in tqdm(grid, desc="tune learned steps", disable=not cfg.progress, dynamic_ncols=True):
+        if c.label not in scores:
+            scores[c.label] = _tuning_score(cfg, c, {}, _safe(c.label), splits, tune_steps)
+            path.write_text(json.dumps(scores, indent=2) + "\n")
+    chosen = {label: max(cs, key=lambda c: scores[c.label]) for label, cs in candidates.items()}
+    factors = {label: float(c.variant.removeprefix("step=")) for label, c in chosen.items()}
+    tqdm.write(f"compare: chosen on validation after {tune_steps} steps: learned operators' step x K {json.dumps(factors)}")
+    return [replace(s, base=chosen[s.label].base) if s.label in chosen else s for s in specs], factors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +318,7 @@ def summarize(rows: list[dict], target: float | None = None, labels: list[str] |
         summary["operators"][label] = {
             "seeds": sorted(per_seed),
             "base_lr": last[0]["base_lr"],
+            "step_factor": last[0].get("step_factor"),
             "steps": last[0]["step"],
             "test_mean": statistics.mean(tests),
             "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
@@ -310,6 +353,12 @@ def render_summary(summary: dict[str, Any], cfg: CompareConfig) -> str:
             f"({min(cfg.tune_steps, summary['steps'])} steps, seed {TUNE_SEED})"
             if cfg.kd_grid
             else ""
+        )
+        + (
+            f"; the learned operators' steps × K {json.dumps(summary.get('step_factors', {}))}, K chosen on validation from "
+            f"{cfg.tune_step} values in [0.1, 10] ({min(cfg.tune_steps, summary['steps'])} steps, seed {TUNE_SEED})"
+            if summary.get("step_factors")
+            else ""
         ),
         "Peak memory: CUDA peak allocation on a GPU; on CPU the peak RSS of the compare process (shared by all cells run so far).",
         "",
@@ -319,7 +368,7 @@ def render_summary(summary: dict[str, Any], cfg: CompareConfig) -> str:
     ]
     for label, s in summary["operators"].items():
         reach = ", ".join("never" if v is None else str(v) for v in s["steps_to_target"]) or "-"
-        lr = "learned" if s["base_lr"] is None else f"{s['base_lr']:g}"
+        lr = f"{s['base_lr']:g}" if s["base_lr"] is not None else "learned" + (f" ×{s['step_factor']:g}" if s.get("step_factor") else "")
         lines.append(
             f"| {label} | {lr} | {_pct(s['test_mean'])} ± {100 * s['test_std']:.2f} | {s['vs_reference'] or '–'} | {_pct(s['best_val_mean'])} | {reach} | "
             f"{s['ms_per_step']:.1f} | {s['peak_mem_mb']:.0f} |"

@@ -186,6 +186,7 @@ class CompareConfig:
     lrs: dict[str, float] = field(default_factory=dict)  # fixed lrs per base operator (skip tuning it)
     tune_lr: int = 0  # grid size; 0: no tuning (DEFAULT_LR or --lr)
     tune_steps: int = 1000  # length of each tuning run (capped by the full run's length)
+    tune_step: int = 0  # learned operators: their step multiplier K (ckpt:PATH@step=K) tuned over this many values; 0: K = 1
     kd_grid: list[list[float]] = field(default_factory=list)  # [beta, T] pairs tuned jointly with each classic lr; []: beta, T fixed
     target: float | None = None  # test accuracy for "steps to target" [default: best classic final mean]
     evals: int = 20  # evaluation points per run (plus the initial one)
@@ -203,8 +204,8 @@ class CompareConfig:
         check_choice("--hyper-clip-mode", self.hyper_clip_mode, CLIP_MODES)
         check_choice("--hyper-lookahead", self.hyper_lookahead, LOOKAHEADS)
         check_choice("--hyper-jvp", self.hyper_jvp, HYPER_JVPS)
-        if self.seeds < 1 or self.tune_lr < 0 or self.evals < 1:
-            raise UserError("--seeds and --evals must be positive, --tune-lr non-negative")
+        if self.seeds < 1 or self.tune_lr < 0 or self.tune_step < 0 or self.evals < 1:
+            raise UserError("--seeds and --evals must be positive, --tune-lr and --tune-step non-negative")
         for pair in self.kd_grid:
             if len(pair) != 2 or not 0 <= pair[0] <= 1 or not 0 < pair[1] < float("inf"):
                 raise UserError(f"--tune-kd-grid: each pair is BETA:T with 0 <= BETA <= 1 and 0 < T < inf, got {pair}")

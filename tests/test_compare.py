@@ -10,7 +10,7 @@ from conftest import kill_at_call
 import l2o_kd.compare as compare_mod
 import l2o_kd.step as step_mod
 from l2o_kd import seeds
-from l2o_kd.compare import OperatorSpec, compare, lr_grid, parse_specs, read_results, summarize
+from l2o_kd.compare import OperatorSpec, compare, lr_grid, parse_specs, read_results, step_grid, summarize
 from l2o_kd.config import CompareConfig
 from l2o_kd.errors import UserError
 from l2o_kd.models import build_model, split_state
@@ -125,6 +125,9 @@ def test_operator_specs_and_lr_grid():
         CompareConfig(seeds=1001).validate()
     grid = lr_grid("adam", 5)
     assert grid[0] == pytest.approx(3e-4) and grid[2] == pytest.approx(3e-3) and grid[-1] == pytest.approx(3e-2)
+    assert step_grid(5) == [0.1, 0.316, 1.0, 3.16, 10.0] and step_grid(1) == [1.0]
+    with pytest.raises(UserError, match="--tune-step non-negative"):
+        CompareConfig(tune_step=-1).validate()
 
 
 def test_tuning_picks_the_lr_best_on_validation_with_a_seed_no_cell_reports(tmp_path, teacher_ckpt, monkeypatch):
@@ -313,3 +316,37 @@ def test_the_step_variant_runs_the_operator_with_every_step_k_times_as_large(tmp
         torch.testing.assert_close(b[k] - params[k], 2.5 * (a[k] - params[k]), rtol=1e-5, atol=5e-7)
     finals = {r["operator"]: r for r in read_results(tmp_path / "cmp") if r["final"]}
     assert set(finals) == {"op", "op@step=2.5"} and finals["op"]["val_loss"] != finals["op@step=2.5"]["val_loss"]
+
+
+def test_step_tuning_runs_each_learned_operator_at_the_k_best_on_validation(tmp_path, teacher_ckpt, monkeypatch):
+    """--tune-step: a learned operator's step multiplier K gets the care of a classic lr: one run per K of the grid
+    on the tuning seed, the cells at the K best on validation (not on test); an operator given @step=K keeps it;
+    a rerun reuses the scores."""
+    torch.manual_seed(0)
+    LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4))).save(tmp_path / "op.pt")
+    base = load_operator(tmp_path / "op.pt").cfg.base_scale
+    grid = step_grid(3)
+    val = dict(zip(grid, (0.2, 0.3, 0.6)))  # validation prefers K = 10 ...
+    test = dict(zip(grid, (0.6, 0.3, 0.2)))  # ... the test split K = 0.1
+    calls, real_train = [], compare_mod.train
+
+    def tuning_faked(run_cfg, **kw):
+        """The tuning runs (in <out>/tune) return the scores above; the cells train for real."""
+        k = round(load_operator(run_cfg.operator).cfg.base_scale / base, 6)
+        calls.append((Path(run_cfg.runs_dir).name, run_cfg.seed, k))
+        if Path(run_cfg.runs_dir).name == "tune":
+            return {"step": run_cfg.steps, "val_acc": val[k], "test_acc": test[k]}
+        return real_train(run_cfg, **kw)
+
+    monkeypatch.setattr(compare_mod, "train", tuning_faked)
+    cfg = _cfg(tmp_path, teacher_ckpt, operators=f"ckpt:{tmp_path / 'op.pt'},ckpt:{tmp_path / 'op.pt'}@step=2", seeds=2, steps=4,
+               tune_step=3, tune_steps=3, evals=1)
+    summary = compare(cfg)
+    assert sorted((seed, k) for where, seed, k in calls if where == "tune") == [(seeds.tuning_seed(0), k) for k in grid]
+    assert sorted((seed, k) for where, seed, k in calls if where == "runs") == [(0, 2.0), (0, 10.0), (1, 2.0), (1, 10.0)]
+    finals = {r["operator"]: r for r in read_results(tmp_path / "cmp") if r["final"]}
+    assert set(finals) == {"op", "op@step=2"} and finals["op"]["step_factor"] == 10.0 and "step_factor" not in finals["op@step=2"]
+    assert summary["step_factors"] == {"op": 10.0} and "| op | learned ×10 |" in (tmp_path / "cmp" / "summary.md").read_text()
+    n = len(calls)
+    compare(cfg)
+    assert len(calls) == n  # every score and cell was kept
