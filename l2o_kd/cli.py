@@ -278,7 +278,7 @@ def meta_train_cmd(threads, resume, no_progress, **kw):
 @click.option("--lr", "lr_items", multiple=True, help="Fix a base operator's lr, e.g. --lr sgd=0.1 (not tuned then).")
 @click.option("--tune-lr", type=int, default=C.tune_lr, show_default=True, help="Tune classic lrs over a log grid of N values on validation.")
 @click.option("--tune-step", type=int, default=C.tune_step, show_default=True,
-              help="Tune each learned operator's step multiplier K (as ckpt:PATH@step=K) over a log grid of N values from 0.1 "
+              help="Tune each learned operator's step multiplier K (as ckpt:PATH@step=K) over a log grid of N (odd) values from 0.1 "
               "to 10 on validation, as --tune-lr tunes the classic lrs (an operator given @step=K keeps its K).")
 @click.option("--tune-steps", type=int, default=C.tune_steps, show_default=True, help="Length of each tuning run.")
 @click.option("--tune-kd-grid", "kd_grid", default="", help="Tune the classic operators' fixed (beta, T) too, jointly with the lr, over "

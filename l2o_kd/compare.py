@@ -121,7 +121,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     has_results = (out / RESULTS).exists() or (out / TUNING).exists()
     check_fingerprint(out, decisive_config(cfg, specs, steps), "compare folder", has_results)
     check_learned_operators(out, specs)
-    specs = [materialize_variant(s, out) for s in specs]
+    specs = [materialize_variant(s, out / "operators") for s in specs]
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     lrs, kds = tune_baselines(cfg, specs, splits, steps)
     specs, factors = tune_learned_steps(cfg, specs, splits, steps)
@@ -145,7 +145,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         lr = None if spec.learned else run_cfg.lr
         cell = {"operator": spec.label, "seed": seed, "base_lr": lr, **({"step_factor": factors[spec.label]} if spec.label in factors else {})}
         _append(out / RESULTS, [{**cell, **row, "final": i == len(rows) - 1} for i, row in enumerate(rows)])
-        _log_hparams(Path(run_cfg.runs_dir) / run_cfg.name, spec, seed, lr, cfg, rows[-1])
+        _log_hparams(Path(run_cfg.runs_dir) / run_cfg.name, spec, seed, lr, factors.get(spec.label), cfg, rows[-1])
     grid.close()
 
     rows, labels = read_results(out), [s.label for s in specs]
@@ -187,14 +187,15 @@ def check_learned_operators(out: Path, specs: list[OperatorSpec]) -> None:
         save_atomic_text(json.dumps({**then, **now}, indent=2, sort_keys=True) + "\n", path)
 
 
-def materialize_variant(spec: OperatorSpec, out: Path) -> OperatorSpec:
-    """A variant of a learned operator as a checkpoint of its own in ``out/operators/`` (written once: its
-    source is guarded by :func:`check_learned_operators`), so its runs are ordinary learned-operator runs."""
+def materialize_variant(spec: OperatorSpec, folder: Path) -> OperatorSpec:
+    """A variant of a learned operator as a checkpoint of its own, ``folder/<label>.pt`` (written once: its
+    source, under the label it derives from, is guarded by :func:`check_learned_operators`), so its runs are
+    ordinary learned-operator runs."""
     if spec.variant is None:
         return spec
     from .operators.learned import load_operator, with_variant
 
-    path = out / "operators" / f"{spec.label}.pt"
+    path = folder / f"{spec.label}.pt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with_variant(load_operator(spec.base), spec.variant).save(path, variant={"source": spec.base, "name": spec.variant})
@@ -218,7 +219,8 @@ def lr_grid(base: str, n: int) -> list[float]:
 
 
 def step_grid(n: int) -> list[float]:
-    """The step multipliers K ``--tune-step n`` tries for a learned operator: 0.1 to 10, around 1 (as meta-trained)."""
+    """The step multipliers K ``--tune-step n`` tries for a learned operator: 0.1 to 10, 1 (as meta-trained) in the
+    middle (``n`` odd: :meth:`CompareConfig.validate`)."""
     return log_grid(1.0, n)
 
 
@@ -275,7 +277,8 @@ def tune_learned_steps(cfg: CompareConfig, specs: list[OperatorSpec], splits, st
     path = Path(cfg.out) / TUNING
     scores = json.loads(path.read_text()) if path.exists() else {}
     tune_steps = min(cfg.tune_steps, steps)
-    candidates = {s.label: [materialize_variant(OperatorSpec(f"{s.label}@step={k:g}", s.base, variant=f"step={k:g}"), Path(cfg.out))
+    folder = Path(cfg.out) / "operators" / "tune"  # apart from the variants --operators names (the same label may be both)
+    candidates = {s.label: [materialize_variant(OperatorSpec(f"{s.label}@step={k:g}", s.base, variant=f"step={k:g}"), folder)
                             for k in step_grid(cfg.tune_step)] for s in to_tune}
     grid = [c for cs in candidates.values() for c in cs]
     for c in tqdm(grid, desc="tune learned steps", disable=not cfg.progress, dynamic_ncols=True):
@@ -453,13 +456,14 @@ def _append(path: Path, rows: list[dict]) -> None:
         f.flush()
 
 
-def _log_hparams(run_dir: Path, spec: OperatorSpec, seed: int, lr: float | None, cfg: CompareConfig, last: dict) -> None:
+def _log_hparams(run_dir: Path, spec: OperatorSpec, seed: int, lr: float | None, step_factor: float | None, cfg: CompareConfig,
+                 last: dict) -> None:
     """The cell's hyperparameters and final metrics for TensorBoard's HPARAMS tab, in ``<run>/hparams``
     (what ``SummaryWriter.add_hparams`` writes, without its extra empty events file in the run folder)."""
     from torch.utils.tensorboard.summary import hparams, scalar
     from torch.utils.tensorboard.writer import FileWriter
 
-    params = {"operator": spec.label, "seed": seed, "lr": lr if lr is not None else -1.0, "student": cfg.student,
+    params = {"operator": spec.label, "seed": seed, "lr": lr if lr is not None else -1.0, "step_factor": step_factor or -1.0, "student": cfg.student,
               "beta": cfg.beta, "temperature": cfg.temperature, "steps": last["step"]}
     metrics = {"hparam/test_acc": last["test_acc"], "hparam/val_acc": last["val_acc"]}
     writer = FileWriter(str(run_dir / "hparams"))

@@ -206,6 +206,8 @@ class CompareConfig:
         check_choice("--hyper-jvp", self.hyper_jvp, HYPER_JVPS)
         if self.seeds < 1 or self.tune_lr < 0 or self.tune_step < 0 or self.evals < 1:
             raise UserError("--seeds and --evals must be positive, --tune-lr and --tune-step non-negative")
+        if self.tune_step % 2 == 0 and self.tune_step:
+            raise UserError(f"--tune-step {self.tune_step}: give an odd number of values, so that K = 1 (the operator as meta-trained) is one of them")
         for pair in self.kd_grid:
             if len(pair) != 2 or not 0 <= pair[0] <= 1 or not 0 < pair[1] < float("inf"):
                 raise UserError(f"--tune-kd-grid: each pair is BETA:T with 0 <= BETA <= 1 and 0 < T < inf, got {pair}")

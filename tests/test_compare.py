@@ -128,6 +128,8 @@ def test_operator_specs_and_lr_grid():
     assert step_grid(5) == [0.1, 0.316, 1.0, 3.16, 10.0] and step_grid(1) == [1.0]
     with pytest.raises(UserError, match="--tune-step non-negative"):
         CompareConfig(tune_step=-1).validate()
+    with pytest.raises(UserError, match="--tune-step 4: give an odd number of values"):
+        CompareConfig(tune_step=4).validate()
 
 
 def test_tuning_picks_the_lr_best_on_validation_with_a_seed_no_cell_reports(tmp_path, teacher_ckpt, monkeypatch):
@@ -320,11 +322,14 @@ def test_the_step_variant_runs_the_operator_with_every_step_k_times_as_large(tmp
 
 def test_step_tuning_runs_each_learned_operator_at_the_k_best_on_validation(tmp_path, teacher_ckpt, monkeypatch):
     """--tune-step: a learned operator's step multiplier K gets the care of a classic lr: one run per K of the grid
-    on the tuning seed, the cells at the K best on validation (not on test); an operator given @step=K keeps it;
-    a rerun reuses the scores."""
+    on the tuning seed, the cells at the K best on validation (not on test); an operator given @step=K keeps it,
+    even one from another file under the same label; a rerun reuses the scores."""
     torch.manual_seed(0)
     LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4))).save(tmp_path / "op.pt")
-    base = load_operator(tmp_path / "op.pt").cfg.base_scale
+    torch.manual_seed(1)
+    (tmp_path / "b").mkdir()
+    LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4))).save(tmp_path / "b" / "op.pt")  # other weights, the same label
+    a = load_operator(tmp_path / "op.pt")
     grid = step_grid(3)
     val = dict(zip(grid, (0.2, 0.3, 0.6)))  # validation prefers K = 10 ...
     test = dict(zip(grid, (0.6, 0.3, 0.2)))  # ... the test split K = 0.1
@@ -332,21 +337,21 @@ def test_step_tuning_runs_each_learned_operator_at_the_k_best_on_validation(tmp_
 
     def tuning_faked(run_cfg, **kw):
         """The tuning runs (in <out>/tune) return the scores above; the cells train for real."""
-        k = round(load_operator(run_cfg.operator).cfg.base_scale / base, 6)
-        calls.append((Path(run_cfg.runs_dir).name, run_cfg.seed, k))
+        op = load_operator(run_cfg.operator)
+        k, source = round(op.cfg.base_scale / a.cfg.base_scale, 6), "a" if torch.equal(op.net.coord_out.weight, a.net.coord_out.weight) else "b"
+        calls.append((Path(run_cfg.runs_dir).name, run_cfg.seed, k, source))
         if Path(run_cfg.runs_dir).name == "tune":
             return {"step": run_cfg.steps, "val_acc": val[k], "test_acc": test[k]}
         return real_train(run_cfg, **kw)
 
     monkeypatch.setattr(compare_mod, "train", tuning_faked)
-    cfg = _cfg(tmp_path, teacher_ckpt, operators=f"ckpt:{tmp_path / 'op.pt'},ckpt:{tmp_path / 'op.pt'}@step=2", seeds=2, steps=4,
+    cfg = _cfg(tmp_path, teacher_ckpt, operators=f"ckpt:{tmp_path / 'op.pt'},ckpt:{tmp_path / 'b' / 'op.pt'}@step=10", seeds=2, steps=4,
                tune_step=3, tune_steps=3, evals=1)
     summary = compare(cfg)
-    assert sorted((seed, k) for where, seed, k in calls if where == "tune") == [(seeds.tuning_seed(0), k) for k in grid]
-    assert sorted((seed, k) for where, seed, k in calls if where == "runs") == [(0, 2.0), (0, 10.0), (1, 2.0), (1, 10.0)]
+    assert sorted(c[1:] for c in calls if c[0] == "tune") == [(seeds.tuning_seed(0), k, "a") for k in grid]
+    assert sorted(c[1:] for c in calls if c[0] == "runs") == [(s, 10.0, src) for s in (0, 1) for src in "ab"]
     finals = {r["operator"]: r for r in read_results(tmp_path / "cmp") if r["final"]}
-    assert set(finals) == {"op", "op@step=2"} and finals["op"]["step_factor"] == 10.0 and "step_factor" not in finals["op@step=2"]
+    assert set(finals) == {"op", "op@step=10"} and finals["op"]["step_factor"] == 10.0 and "step_factor" not in finals["op@step=10"]
     assert summary["step_factors"] == {"op": 10.0} and "| op | learned ×10 |" in (tmp_path / "cmp" / "summary.md").read_text()
     n = len(calls)
-    compare(cfg)
-    assert len(calls) == n  # every score and cell was kept
+    assert compare(cfg)["step_factors"] == {"op": 10.0} and len(calls) == n  # every score and cell was kept
