@@ -271,24 +271,25 @@ def tune_learned_steps(cfg: CompareConfig, specs: list[OperatorSpec], splits, st
     """With ``cfg.tune_step``: each learned operator not given ``@step=K`` runs as its ``@step=K`` variant with
     the K of :func:`step_grid` best on validation (scored as the classic lrs are). Returns the specs to run (a
     tuned one keeps its label, its checkpoint the chosen variant's) and the chosen K per label."""
-    to_tune = [s for s in specs if s.learned and not (s.variant or "").startswith("step=")] if cfg.tune_step else []
+    from .operators.learned import step_factor
+
+    to_tune = [s for s in specs if s.learned and (s.variant is None or step_factor(s.variant) is None)] if cfg.tune_step else []
     if not to_tune:
         return specs, {}
     path = Path(cfg.out) / TUNING
     scores = json.loads(path.read_text()) if path.exists() else {}
     tune_steps = min(cfg.tune_steps, steps)
     folder = Path(cfg.out) / "operators" / "tune"  # apart from the variants --operators names (the same label may be both)
-    candidates = {s.label: [materialize_variant(OperatorSpec(f"{s.label}@step={k:g}", s.base, variant=f"step={k:g}"), folder)
-                            for k in step_grid(cfg.tune_step)] for s in to_tune}
-    grid = [c for cs in candidates.values() for c in cs]
+    candidates = {s.label: {k: materialize_variant(OperatorSpec(f"{s.label}@step={k:g}", s.base, variant=f"step={k:g}"), folder)
+                            for k in step_grid(cfg.tune_step)} for s in to_tune}
+    grid = [c for by_k in candidates.values() for c in by_k.values()]
     for c in tqdm(grid, desc="tune learned steps", disable=not cfg.progress, dynamic_ncols=True):
         if c.label not in scores:
             scores[c.label] = _tuning_score(cfg, c, {}, _safe(c.label), splits, tune_steps)
             path.write_text(json.dumps(scores, indent=2) + "\n")
-    chosen = {label: max(cs, key=lambda c: scores[c.label]) for label, cs in candidates.items()}
-    factors = {label: float(c.variant.removeprefix("step=")) for label, c in chosen.items()}
+    factors = {label: max(by_k, key=lambda k: scores[by_k[k].label]) for label, by_k in candidates.items()}
     tqdm.write(f"compare: chosen on validation after {tune_steps} steps: learned operators' step x K {json.dumps(factors)}")
-    return [replace(s, base=chosen[s.label].base) if s.label in chosen else s for s in specs], factors
+    return [replace(s, base=candidates[s.label][factors[s.label]].base) if s.label in factors else s for s in specs], factors
 
 
 # ----------------------------------------------------------------------------------------------
