@@ -229,6 +229,8 @@ def search(method, trials, retrain_seeds, out, **kw):
 @click.option("--validate-every", type=int, default=M.validate_every, show_default=True)
 @click.option("--val-horizon", type=int, default=M.val_horizon, show_default=True, help="Steps of each meta-validation episode.")
 @click.option("--val-seeds", default=M.val_seeds, show_default=True, help="Meta-validation seeds (shared among torchrun ranks).")
+@click.option("--val-students", default=M.val_students, show_default=True,
+              help="Comma-separated meta-validation students: every seed runs on each; the best operator has the best mean.")
 @click.option("--adam-lr", type=float, default=M.adam_lr, show_default=True, help="Learning rate of the reference Adam.")
 @click.option("--seed", type=int, default=M.seed, show_default=True)
 @click.option("--device", default=M.device, show_default=True)

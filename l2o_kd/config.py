@@ -252,6 +252,7 @@ ES_PARAMS = {  # which operator weights --es-params meta-trains, by any method (
     "schedule": ("head.2.bias", "schedule."),  # those biases and their slopes in progress t/T
     "mix": ("mix",),  # an operator made with mix=True: the weights of its terms (the shape of every coordinate's update)
     "mix-schedule": ("mix", "head.2.bias", "schedule."),  # those and the schedule
+    "mix-schedule-adapt": ("mix", "head.2.bias", "schedule.", "adapt"),  # those and, with adapt_step, the online step-size adaptation
 }
 
 
@@ -285,6 +286,7 @@ class MetaConfig:
     validate_every: int = 50
     val_horizon: int = 300
     val_seeds: str = "1000,1001"
+    val_students: str = "tiny"  # meta-validation runs each seed on each of these students
     adam_lr: float = 3e-3  # the reference Adam of meta-validation
     seed: int = TrainConfig.seed
     device: str = TrainConfig.device
@@ -300,7 +302,8 @@ class MetaConfig:
 
     def decisive(self) -> dict[str, Any]:
         decisive = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.NOT_DECISIVE}
-        return without_later_defaults(decisive, {"normalize_update": False, "per_coordinate": "lstm", "rms_floor": 0.0})
+        return without_later_defaults(decisive, {"normalize_update": False, "per_coordinate": "lstm", "rms_floor": 0.0,
+                                                  "val_students": "tiny"})
 
     def validate(self) -> None:
         from .device import check_device
@@ -319,7 +322,7 @@ class MetaConfig:
         check_choice("--per-coordinate", self.per_coordinate, PER_COORDINATE)
         if not self.rms_floor >= 0:
             raise UserError(f"--rms-floor must be >= 0, got {self.rms_floor}")
-        for s in self.students.split(","):
+        for s in self.students.split(",") + self.val_student_list:
             build_model(s)
         seed_ranges.check(self.val_seed_list, "meta-validation", "--val-seeds")
         check_device(self.device)
@@ -327,6 +330,10 @@ class MetaConfig:
     @property
     def val_seed_list(self) -> list[int]:
         return parse_seeds(self.val_seeds, "--val-seeds")
+
+    @property
+    def val_student_list(self) -> list[str]:
+        return self.val_students.split(",")
 
     @property
     def lengths(self) -> list[int]:

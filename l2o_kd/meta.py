@@ -344,29 +344,34 @@ def _out_of_time(cfg: MetaConfig, t_start: float, dist: Dist | None) -> bool:
 
 def meta_validate(operator: Operator, cfg: MetaConfig, splits: Splits, out_dir: Path, adam_cache: dict | None = None,
                   dist: Dist | None = None) -> dict:
-    """The operator and the reference Adam on held-out seeds at ``val_horizon`` steps; mean val
-    accuracy of each over the seeds, a diverged run counting 0 (Adam's runs do not change between
-    validations: ``adam_cache`` keeps them). Under torchrun each rank runs its share of the seeds."""
+    """The operator and the reference Adam on held-out seeds of each meta-validation student at
+    ``val_horizon`` steps; mean val accuracy of each over the (student, seed) runs, a diverged run
+    counting 0 (Adam's runs do not change between validations: ``adam_cache`` keeps them), and the
+    operator's mean per student when there are several. Under torchrun each rank runs its share."""
     adam_cache = {} if adam_cache is None else adam_cache
-    seeds = cfg.val_seed_list
-    accs = torch.zeros(2, len(seeds), dtype=torch.float64)  # rows: lstm, adam
-    for i, seed in enumerate(seeds):
+    runs = [(student, seed) for student in cfg.val_student_list for seed in cfg.val_seed_list]
+    accs = torch.zeros(2, len(runs), dtype=torch.float64)  # rows: lstm, adam
+    for i, (student, seed) in enumerate(runs):
         if dist and i % dist.world != dist.rank:
             continue
         for row, (name, op) in enumerate((("lstm", operator), ("adam", Adam(lr=cfg.adam_lr)))):
-            if name == "adam" and seed in adam_cache:
-                accs[row, i] = adam_cache[seed]
+            if name == "adam" and (student, seed) in adam_cache:
+                accs[row, i] = adam_cache[student, seed]
                 continue
-            tc = TrainConfig(model="tiny", dataset=cfg.dataset, teacher=cfg.teacher, kd_form=cfg.kd_form, operator=name, steps=cfg.val_horizon,
-                             batch_size=cfg.batch_size, seed=seed, device=cfg.device, runs_dir=str(out_dir), run_name=f"{name}-s{seed}",
-                             progress=False, log_every=10)
+            tc = TrainConfig(model=student, dataset=cfg.dataset, teacher=cfg.teacher, kd_form=cfg.kd_form, operator=name, steps=cfg.val_horizon,
+                             batch_size=cfg.batch_size, seed=seed, device=cfg.device, runs_dir=str(out_dir),
+                             run_name=f"{name}-s{seed}" if student == "tiny" else f"{name}-{student}-s{seed}", progress=False, log_every=10)
             try:
                 accs[row, i] = train(tc, splits=splits, operator=op)["val_acc"]
             except Diverged:  # a diverging operator is a bad operator, not a crash of meta-training
                 accs[row, i] = 0.0
             if name == "adam":
-                adam_cache[seed] = float(accs[row, i])
-    if dist:  # every seed was run by exactly one rank; the others hold zeros there
+                adam_cache[student, seed] = float(accs[row, i])
+    if dist:  # every run was made by exactly one rank; the others hold zeros there
         accs = dist.average([accs])[0] * dist.world
     lstm, adam = accs.mean(1).tolist()
-    return {"lstm_val_acc": lstm, "adam_val_acc": adam, "lstm_val_acc_std": float(accs[0].std()) if len(seeds) > 1 else 0.0}
+    per_student = {}
+    if len(cfg.val_student_list) > 1:
+        n = len(cfg.val_seed_list)
+        per_student = {f"lstm_val_acc_{student}": float(accs[0, j * n:(j + 1) * n].mean()) for j, student in enumerate(cfg.val_student_list)}
+    return {"lstm_val_acc": lstm, "adam_val_acc": adam, "lstm_val_acc_std": float(accs[0].std()) if len(runs) > 1 else 0.0, **per_student}

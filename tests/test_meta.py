@@ -200,3 +200,20 @@ def test_es_params_naming_weights_the_operator_lacks_are_refused(tmp_path, teach
                      validate_every=1, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64, runs_dir=str(tmp_path), progress=False)
     with pytest.raises(UserError, match=f"has no weights {missing}"):
         meta_train(cfg)  # a fresh operator has a per-coordinate LSTM (no per-coordinate MLP) and no mix
+
+
+def test_meta_validation_on_several_students_runs_every_seed_on_each(tmp_path, teacher_ckpt):
+    """Each (student, seed) run is the run a single-student meta-validation makes; the score is their mean."""
+    kw = dict(dataset="synthetic", teacher=str(teacher_ckpt), val_horizon=5, val_seeds="1000,1001", batch_size=32)
+    splits = load_splits("synthetic")
+    torch.manual_seed(0)
+    op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4, base_scale=0.05)))
+    both = meta.meta_validate(op, MetaConfig(val_students="tiny,tiny_narrow", **kw), splits, tmp_path / "both")
+    alone = {s: meta.meta_validate(op, MetaConfig(val_students=s, **kw), splits, tmp_path / s) for s in ("tiny", "tiny_narrow")}
+    for s in alone:
+        assert both[f"lstm_val_acc_{s}"] == pytest.approx(alone[s]["lstm_val_acc"], abs=1e-12)
+    assert both["lstm_val_acc"] == pytest.approx((alone["tiny"]["lstm_val_acc"] + alone["tiny_narrow"]["lstm_val_acc"]) / 2, abs=1e-12)
+    assert both["adam_val_acc"] == pytest.approx((alone["tiny"]["adam_val_acc"] + alone["tiny_narrow"]["adam_val_acc"]) / 2, abs=1e-12)
+    assert "lstm_val_acc_tiny" not in alone["tiny"]
+    with pytest.raises(UserError, match="unknown model 'nope'"):
+        MetaConfig(val_students="tiny,nope", **kw).validate()
