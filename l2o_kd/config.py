@@ -252,7 +252,6 @@ ES_PARAMS = {  # which operator weights --es-params meta-trains, by any method (
     "schedule": ("head.2.bias", "schedule."),  # those biases and their slopes in progress t/T
     "mix": ("mix",),  # an operator made with mix=True: the weights of its terms (the shape of every coordinate's update)
     "mix-schedule": ("mix", "head.2.bias", "schedule."),  # those and the schedule
-    "mix-schedule-adapt": ("mix", "head.2.bias", "schedule.", "adapt"),  # those and, with adapt_step, the online step-size adaptation
 }
 
 

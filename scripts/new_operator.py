@@ -12,17 +12,11 @@ tensor, MLP per coordinate) started from the schedule ES found for the per-coord
 The head reads the pooled LSTM output; pooled over tensors instead of coordinates it differs, but the
 head's last layer is x0.01 at initialization and was not trained (``--es-params schedule``), so what
 is taken over is, to a few hundredths in its logits, the same schedule.
-
-With ``--from`` a trained operator gains a new part at its initialization, e.g. the online step-size
-adaptation (``--adapt-step``), to be meta-trained from there:
-
-    python scripts/new_operator.py --from checkpoints/operator.pt --adapt-step --out results/operator-adapt-init.pt
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 import torch
 
@@ -41,27 +35,14 @@ def main() -> None:
     ap.add_argument("--normalize-update", action="store_true")
     ap.add_argument("--rms-floor", type=float, default=d.rms_floor)
     ap.add_argument("--mix", action="store_true", help="the prior direction a learned mix of terms (LSTMOperatorConfig.mix)")
-    ap.add_argument("--adapt-step", action="store_true", help="each tensor's step size adapts online (LSTMOperatorConfig.adapt_step)")
     ap.add_argument("--head-from", default=None, help="take the global head over from this operator checkpoint")
-    ap.add_argument("--from", dest="source", default=None,
-                    help="take every weight and the architecture over from this operator checkpoint (new weights, e.g. "
-                         "--adapt-step's, at their initialization: the new operator steps as the old one)")
     ap.add_argument("--seed", type=int, default=0, help="initialization of the new weights")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     cfg = LSTMOperatorConfig(hidden=args.hidden, base_scale=args.base_scale, normalize_update=args.normalize_update,
-                             per_coordinate=args.per_coordinate, coord_hidden=args.coord_hidden, rms_floor=args.rms_floor, mix=args.mix,
-                             adapt_step=args.adapt_step)
-    if args.source:
-        if args.head_from or replace(cfg, adapt_step=d.adapt_step) != d:
-            ap.error("--from takes the architecture over: give it with --adapt-step only")
-        source = load_operator(args.source).net
-        cfg = replace(source.cfg, adapt_step=source.cfg.adapt_step or args.adapt_step)
+                             per_coordinate=args.per_coordinate, coord_hidden=args.coord_hidden, rms_floor=args.rms_floor, mix=args.mix)
     net = LSTMOperatorNet(cfg)
-    if args.source:
-        net.load_state_dict({**net.state_dict(), **source.state_dict()})
-        print(f"every weight from {args.source}")
     if args.head_from:
         source = load_operator(args.head_from).net
         if source.cfg.base_scale != cfg.base_scale or source.cfg.hidden != cfg.hidden:
@@ -69,7 +50,7 @@ def main() -> None:
         head = {k: v for k, v in source.state_dict().items() if k.startswith(HEAD)}
         net.load_state_dict({**net.state_dict(), **head})
         print(f"global head from {args.head_from}: {', '.join(sorted(head))}")
-    LSTMOperator(net).save(args.out, origin={"head_from": args.head_from, "from": args.source, "seed": args.seed})
+    LSTMOperator(net).save(args.out, origin={"head_from": args.head_from, "seed": args.seed})
     print(f"wrote {args.out}: {LSTMOperator(net).config()}")
 
 

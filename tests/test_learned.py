@@ -1,5 +1,4 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -316,76 +315,3 @@ def test_the_schedule_only_ablation_resets_the_mix_to_the_designed_prior():
     cut = ablated(op, "schedule-only")
     assert torch.equal(cut.net.mix, prior_mix(cut.net.cfg)) and not torch.equal(op.net.mix, cut.net.mix)
     assert float(cut.net.coord_out.weight.detach().abs().max()) == 0.0
-
-
-def test_an_operator_with_step_adaptation_at_its_initialization_steps_exactly_as_one_without_it():
-    model, _ = _problem(torch.float32)
-    params, _ = split_state(model)
-    runs = []
-    for adapt in (False, True):
-        torch.manual_seed(0)
-        cfg = LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, rms_floor=1e-3, mix=True, adapt_step=adapt)
-        runs.append(_steps(LSTMOperator(LSTMOperatorNet(cfg)), params, 4))
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(*runs) for k in a)
-
-
-@pytest.mark.parametrize("flip", [False, True], ids=["steady", "reversing"])
-def test_step_adaptation_lengthens_steps_along_a_steady_gradient_and_shortens_them_when_it_reverses(flip):
-    """Coordinate corrections off, the update is -m_hat(0.9) of unit RMS per tensor. A constant gradient g then
-    meets the last update at cosine exactly 1; g, -g, g, ... at -1 (m(0.9) keeps the sign of the latest
-    gradient). So after n steps (the first has no last update) log a = (n - 1) * rate * (cos - target) in every
-    tensor, and each tensor's update is exp(log a) times that of the same operator without adaptation."""
-    from l2o_kd.operators.learned import ADAPT_UNITS
-
-    model, _ = _problem(torch.float64)
-    params, _ = split_state(model)
-    gen = torch.Generator().manual_seed(3)
-    g0 = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) * (1 + i) for i, (k, v) in enumerate(params.items())}
-    ops = []
-    for adapt in (False, True):
-        torch.manual_seed(0)
-        net = LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, adapt_step=adapt)).double()
-        with torch.no_grad():
-            net.coord_out.weight.zero_()
-            net.coord_out.bias.zero_()
-            if adapt:
-                net.adapt.copy_(torch.tensor([2.0, 1.5]))  # rate 0.02, target cosine 0.15
-        ops.append(LSTMOperator(net))
-    states = [op.init(params) for op in ops]
-    now = [params, params]
-    n = 6
-    for step in range(n):
-        grads = {k: v * (-1) ** step if flip else v for k, v in g0.items()}
-        before = now
-        with torch.no_grad():
-            out = [op.step(p, grads, s, StepContext(step, 50, 1.0, 1.0, 0.5)) for op, p, s in zip(ops, now, states)]
-        now, states = [o[0] for o in out], [o[1] for o in out]
-    rate, target = 2.0 * ADAPT_UNITS[0], 1.5 * ADAPT_UNITS[1]
-    cos = -1.0 if flip else 1.0
-    log_a = states[1]["log_size"]
-    torch.testing.assert_close(log_a, torch.full_like(log_a, (n - 1) * rate * (cos - target)), rtol=1e-9, atol=1e-12)
-    for i, k in enumerate(params):
-        plain, adapted = now[0][k] - before[0][k], now[1][k] - before[1][k]
-        torch.testing.assert_close(adapted, plain * math.exp(float(log_a[i])), rtol=1e-9, atol=1e-15)
-
-
-def test_new_operator_from_a_trained_one_adds_step_adaptation_and_steps_as_it(tmp_path, monkeypatch):
-    import runpy
-
-    torch.manual_seed(1)
-    source = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, mix=True)))
-    with torch.no_grad():
-        source.net.mix.copy_(torch.tensor([0.3, 0.2, 0.1, 0.5, 0.4]))
-        source.net.head[-1].bias.copy_(torch.tensor([0.2, -0.3, 0.4]))
-    source.save(tmp_path / "src.pt")
-    script = str(Path(__file__).resolve().parents[1] / "scripts" / "new_operator.py")
-    monkeypatch.setattr("sys.argv", [script, "--from", str(tmp_path / "src.pt"), "--adapt-step", "--out", str(tmp_path / "new.pt")])
-    runpy.run_path(script, run_name="__main__")
-    new = load_operator(tmp_path / "new.pt")
-    assert new.cfg.adapt_step and not source.cfg.adapt_step
-    model, _ = _problem(torch.float32)
-    params, _ = split_state(model)
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(_steps(source, params, 3), _steps(new, params, 3)) for k in a)
-    monkeypatch.setattr("sys.argv", [script, "--from", str(tmp_path / "src.pt"), "--mix", "--out", str(tmp_path / "x.pt")])
-    with pytest.raises(SystemExit):  # --from takes the architecture over: a contradictory flag is refused
-        runpy.run_path(script, run_name="__main__")

@@ -74,13 +74,6 @@ class LSTMOperatorConfig:
     # m(0.9) / sqrt(v) (v the running mean square of the gradient, 0.999) and sign(m(0.9)). A few weights that
     # change the shape of every coordinate's update, e.g. towards Adam's per-coordinate normalization.
     mix: bool = False
-    # True: each tensor's step size adapts online, as hypergradient descent on the step size does (Baydin et al.
-    # 2018), by how the new gradient meets the tensor's last update: log a_k += rate * (cos_k - target), with
-    # cos_k = -cos(g_k, last update_k) (> 0: the gradient still points along the last step, which was too short).
-    # ``LSTMOperatorNet.adapt`` holds (rate, target) in units of ADAPT_UNITS, zero at initialization: the
-    # operator then steps bitwise as without it. A few weights with which one operator can size its steps for
-    # students whose best step differs (measured: `small` wants 3-6x the step of `tiny`).
-    adapt_step: bool = False
 
     @property
     def n_inputs(self) -> int:
@@ -120,8 +113,6 @@ class LSTMOperatorNet(nn.Module):
             self.schedule.weight.zero_()
         if cfg.mix:  # after every random initialization: the other weights are those of an operator without it
             self.mix = nn.Parameter(prior_mix(cfg))
-        if cfg.adapt_step:
-            self.adapt = nn.Parameter(torch.zeros(2))  # (rate, target) / ADAPT_UNITS
         self.register_buffer("beta_bias", torch.tensor(_logit(cfg.beta_init)))
         self.register_buffer("temperature_bias", torch.tensor(_logit((cfg.temperature_init - T_MIN) / (T_MAX - T_MIN))))
 
@@ -175,7 +166,6 @@ class LSTMOperator(Operator):
         return {
             "momenta": z(len(c.timescales), n),
             **({"second": z(1, n)} if c.mix else {}),
-            **({"last": z(n), "log_size": z(len(params))} if c.adapt_step else {}),
             "h": z(c.layers, units, c.hidden),
             "c": z(c.layers, units, c.hidden),
             "beta": torch.sigmoid(self.net.beta_bias).to(ref),
@@ -223,17 +213,11 @@ class LSTMOperator(Operator):
         shape = torch.exp(magnitude) * direction
         if self.cfg.normalize_update:
             shape = _unit_rms(shape[None], _tensor_means(shape[None] ** 2, sizes), sizes)[0]
-        adapted = {}
-        if self.cfg.adapt_step:
-            log_size = self._adapted_log_size(g, state["last"], state["log_size"], sizes)
-            adapted = {"last": shape, "log_size": log_size}
-            shape = shape * _broadcast(torch.exp(log_size)[None], sizes)[0]
         update = self.cfg.base_scale * scale * shape
         new_params = {k: params[k] + u.view_as(params[k]) for k, u in zip(names, update.split(sizes))}
         new_state = {
             "momenta": momenta,
             **mixed,
-            **adapted,
             "h": h,
             "c": c,
             "beta": torch.sigmoid(o[0] + self.net.beta_bias),
@@ -241,16 +225,6 @@ class LSTMOperator(Operator):
             "scale": scale,
         }
         return new_params, new_state, {"step_scale": scale.detach(), "lr": (self.cfg.base_scale * scale).detach()}
-
-    def _adapted_log_size(self, g, last, log_size, sizes):
-        """Each tensor's log step multiplier after this step's gradient ``g`` (N) met the last update's
-        shape ``last`` (N): moved by rate * (cos - target), clamped to +-ADAPT_LIMIT; unchanged where
-        there is no last update yet (the first step)."""
-        rate, target = self.net.adapt * torch.tensor(ADAPT_UNITS, device=g.device, dtype=g.dtype)
-        dot = _tensor_means(torch.stack([g * last, g * g, last * last]), sizes)  # 3 x tensors
-        cos = -dot[0] / torch.sqrt(dot[1] * dot[2] + 1e-30)
-        move = torch.where(dot[2] > 0, rate * (cos - target), torch.zeros_like(cos))
-        return (log_size + move).clamp(-ADAPT_LIMIT, ADAPT_LIMIT)
 
     def config(self) -> dict:
         return {"name": self.name, **asdict(self.cfg)}
@@ -319,13 +293,6 @@ def load_operator(path, device: str = "cpu") -> LSTMOperator:
 
 
 ADAM_DECAY = 0.999  # the running mean square of the gradient in the mix's Adam term (Adam's beta_2)
-
-
-# adapt_step: the units of LSTMOperatorNet.adapt = (rate, target), so that weights of order 1 (ES's
-# perturbations) mean a rate of 0.01 per step in log step size and a target cosine of 0.1; and the
-# bound of each tensor's log step multiplier (x e^-3 .. x e^3).
-ADAPT_UNITS = (0.01, 0.1)
-ADAPT_LIMIT = 3.0
 
 
 def _prior_index(cfg: LSTMOperatorConfig) -> int:
