@@ -315,3 +315,37 @@ def test_the_schedule_only_ablation_resets_the_mix_to_the_designed_prior():
     cut = ablated(op, "schedule-only")
     assert torch.equal(cut.net.mix, prior_mix(cut.net.cfg)) and not torch.equal(op.net.mix, cut.net.mix)
     assert float(cut.net.coord_out.weight.detach().abs().max()) == 0.0
+
+
+def test_the_hierarchical_operator_steps_a_population_under_vmap_as_one_by_one():
+    """vmap of the operator's step over stacked students (their weights, gradients, states and losses) gives
+    each student the step it takes alone: a population can advance in one call (a GPU's use of it)."""
+    model, _ = _problem(torch.float64)
+    params, _ = split_state(model)
+    torch.manual_seed(0)
+    op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, rms_floor=1e-3, mix=True)).double())
+    with torch.no_grad():
+        op.net.head[-1].weight.normal_(0, 0.3)  # the head's inputs matter
+    gen = torch.Generator().manual_seed(2)
+    n = 3
+    students = [{k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()} for _ in range(n)]
+    losses = torch.tensor([[2.0, 1.5, 0.7], [1.2, float("nan"), 0.9], [0.8, 0.6, 3.0]], dtype=torch.float64)  # loss, ce, kd
+    alone = []
+    for i, p in enumerate(students):
+        state = op.init(p)
+        for step in range(3):
+            grads = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(10 * i + step), dtype=v.dtype) for k, v in p.items()}
+            with torch.no_grad():
+                p, state, _ = op.step(p, grads, state, StepContext(step, 20, *losses[i].tolist()))
+        alone.append(p)
+    stack = lambda dicts: {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
+    p, state = stack(students), stack([op.init(s) for s in students])
+    for step in range(3):
+        grads = stack([{k: torch.randn(v.shape, generator=torch.Generator().manual_seed(10 * i + step), dtype=v.dtype)
+                        for k, v in students[i].items()} for i in range(n)])
+        one = lambda p, g, s, loss: op.step(p, g, s, StepContext(step, 20, loss[0], loss[1], loss[2]))[:2]
+        with torch.no_grad():
+            p, state = torch.func.vmap(one)(p, grads, state, losses)
+    for i in range(n):
+        for k in params:
+            torch.testing.assert_close(p[k][i], alone[i][k], rtol=1e-10, atol=1e-12)

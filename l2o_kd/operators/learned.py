@@ -135,8 +135,7 @@ class LSTMOperatorNet(nn.Module):
         ms_grad = floored(_tensor_means(g[None] ** 2, sizes), g[None], self.cfg.rms_floor)[0]
         consistency = (0.5 * torch.log((ms_momenta + 1e-30) / (ms_grad + 1e-30))).clamp(-5, 5)
         pooled_in = torch.cat([_tensor_means(features, sizes), consistency]).T  # tensors x n_tensor_inputs
-        out, (h, c) = self.lstm(pooled_in[None], (h, c))
-        top = out[0]  # tensors x hidden
+        top, h, c = lstm_step(self.lstm, pooled_in, h, c)  # tensors x hidden
         n_in = features.shape[0]
         w_in, w_out = self.coord_in.weight, self.coord_out.weight
         context = (top @ w_in[:, n_in:].T + self.coord_in.bias).T  # coord_hidden x tensors: each tensor's share of the hidden layer
@@ -205,9 +204,7 @@ class LSTMOperator(Operator):
         direction = -prior + coord[0]
         magnitude = coord[1].clamp(-5, 3)
 
-        loss = float(ctx.loss) if math.isfinite(float(ctx.loss)) else 0.0
-        ratio = float(ctx.kd_loss) / (abs(float(ctx.ce_loss)) + 1e-8) if math.isfinite(float(ctx.kd_loss)) else 0.0
-        globals_ = torch.tensor([ctx.progress, math.log(max(loss, 1e-8)), math.log1p(max(min(ratio, 1e4), 0.0))], device=g.device, dtype=g.dtype)
+        globals_ = _global_inputs(ctx, g)
         o = self.net.head(torch.cat([pooled, globals_])) + self.net.schedule(globals_[:1])
         scale = torch.exp(o[2].clamp(-5, 5))
         shape = torch.exp(magnitude) * direction
@@ -333,6 +330,34 @@ def _broadcast(v: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     if key not in _LENGTHS:
         _LENGTHS[key] = torch.tensor(sizes, device=v.device)
     return v.repeat_interleave(_LENGTHS[key], dim=1, output_size=sum(sizes))
+
+
+def lstm_step(lstm: nn.LSTM, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One time step of ``lstm`` (rows ``x``: batch x inputs; states layers x batch x hidden) written out,
+    equal to ``lstm(x[None], (h, c))`` (gate order i, f, g, o): plain matmuls, so it runs under ``vmap``
+    (which has no batching rule for ``aten::lstm``) and, for the few rows of a per-tensor LSTM, is no slower.
+    Returns the top layer's output and the new states."""
+    hs, cs = [], []
+    for layer in range(lstm.num_layers):
+        w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+        gates = torch.addmm(getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"), x, w_ih.T) + h[layer] @ w_hh.T
+        i, f, g, o = gates.chunk(4, 1)
+        cs.append(torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g))
+        hs.append(torch.sigmoid(o) * torch.tanh(cs[-1]))
+        x = hs[-1]
+    return x, torch.stack(hs), torch.stack(cs)
+
+
+def _global_inputs(ctx: StepContext, g: torch.Tensor) -> torch.Tensor:
+    """The global head's inputs besides the pooled LSTM state: progress, log train loss, log(1 + KD/CE),
+    each non-finite loss read as 0. Tensor operations only, so the losses may be numbers or (under ``vmap``)
+    one tensor per student."""
+    loss, ce, kd = (torch.as_tensor(v, dtype=g.dtype, device=g.device) for v in (ctx.loss, ctx.ce_loss, ctx.kd_loss))
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    loss = torch.where(torch.isfinite(loss), loss, zero)
+    ratio = torch.where(torch.isfinite(kd) & torch.isfinite(ce), kd / (ce.abs() + 1e-8), zero)
+    progress = torch.full_like(loss, ctx.progress)
+    return torch.stack([progress, torch.log(loss.clamp_min(1e-8)), torch.log1p(ratio.clamp(0.0, 1e4))])
 
 
 def _logit(p: float) -> float:
