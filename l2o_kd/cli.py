@@ -212,6 +212,8 @@ def search(method, trials, retrain_seeds, out, **kw):
 @click.option("--es-eval", type=int, default=M.es_eval, show_default=True, help="es, pes: validation images of the objective (end of episode / of each truncation).")
 @click.option("--es-objective", type=click.Choice(ES_OBJECTIVES), default=M.es_objective, show_default=True,
               help="es, pes: validation cross-entropy or error rate.")
+@click.option("--vmap", is_flag=True, help="es, pes: advance a meta-step's particles of one student together, by one vmapped step "
+              "(for a GPU; on a CPU a loop was faster).")
 @click.option("--es-params", type=click.Choice(list(ES_PARAMS)), default=M.es_params, show_default=True,
               help="Meta-train (es, pes: perturb) all operator weights, only the output layers, the per-coordinate MLP with the head's output layer "
                    "and slopes (--per-coordinate mlp), that MLP alone (coord), the output biases, the global head's 3 biases, or those 3 and their slopes "

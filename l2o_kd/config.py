@@ -276,6 +276,7 @@ class MetaConfig:
     es_eval: int = 2000  # es, pes: validation images of the objective
     es_objective: str = "ce"  # es, pes: validation "ce" or "error" (ES needs no gradient of it)
     es_params: str = "all"  # a key of ES_PARAMS: the meta-trained weights (es and pes perturb only those)
+    vmap: bool = False  # es, pes: advance a meta-step's particles of one student together, one vmapped step (for a GPU)
     hidden: int = 20
     base_scale: float = 1e-3
     normalize_update: bool = False  # a fresh operator's LSTMOperatorConfig.normalize_update (unit-RMS update shape per tensor)
@@ -302,7 +303,7 @@ class MetaConfig:
     def decisive(self) -> dict[str, Any]:
         decisive = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.NOT_DECISIVE}
         return without_later_defaults(decisive, {"normalize_update": False, "per_coordinate": "lstm", "rms_floor": 0.0,
-                                                  "val_students": "tiny"})
+                                                  "val_students": "tiny", "vmap": False})
 
     def validate(self) -> None:
         from .device import check_device
@@ -318,6 +319,8 @@ class MetaConfig:
             raise UserError("--sigma, --pairs and --es-eval must be positive")
         check_choice("--es-objective", self.es_objective, ES_OBJECTIVES)
         check_choice("--es-params", self.es_params, ES_PARAMS)
+        if self.vmap and self.method == "tbptt":
+            raise UserError("--vmap advances ES and PES particles: use it with --method es or pes")
         check_choice("--per-coordinate", self.per_coordinate, PER_COORDINATE)
         if not self.rms_floor >= 0:
             raise UserError(f"--rms-floor must be >= 0, got {self.rms_floor}")

@@ -155,6 +155,16 @@ class TBPTT(GradientEstimator):
         self.particles = [self.task.restore(s) for s in state["particles"]]
 
 
+def advance_all(task: Task, moves: list[tuple[nn.Module, Particle, int]]) -> None:
+    """Each (operator, particle, k) of ``moves``: k steps of the particle with that operator, by the task's
+    ``advance_all`` where it has one (a population advanced together), else one by one."""
+    if hasattr(task, "advance_all"):
+        task.advance_all(moves)
+    else:
+        for net, particle, k in moves:
+            task.advance(net, particle, k)
+
+
 def perturbed(net: nn.Module, eps: list[torch.Tensor], scale: float) -> nn.Module:
     """A copy of ``net`` (no gradients) with weights ``phi + scale * eps``."""
     probe = copy.deepcopy(net).requires_grad_(False)
@@ -190,14 +200,13 @@ class PES(GradientEstimator):
         while len(self.pairs) < self.population:
             self.pairs.append(self._new_pair(net, progress))
         total, diffs, means, rows = [torch.zeros_like(p) for p in net.parameters()], [], [], []
-        for i, pair in enumerate(self.pairs):
-            eps = self.noise(net, pair["key"], pair["truncation"])
+        noises = [self.noise(net, pair["key"], pair["truncation"]) for pair in self.pairs]
+        for pair, eps in zip(self.pairs, noises):
             pair["xi"] = [x.to(e) + e for x, e in zip(pair["xi"], eps)]  # (a resumed xi comes back on the CPU)
-            k = self.schedule.steps(pair["plus"])
-            losses = []
-            for sign, particle in ((1.0, pair["plus"]), (-1.0, pair["minus"])):
-                self.task.advance(perturbed(net, eps, sign * self.sigma), particle, k)
-                losses.append(self.task.loss(particle))
+        advance_all(self.task, [(perturbed(net, eps, sign * self.sigma), pair[side], self.schedule.steps(pair["plus"]))
+                                for pair, eps in zip(self.pairs, noises) for sign, side in ((1.0, "plus"), (-1.0, "minus"))])
+        for i, pair in enumerate(self.pairs):
+            losses = [self.task.loss(pair["plus"]), self.task.loss(pair["minus"])]
             coeff = (losses[0] - losses[1]) / (2 * self.sigma)
             total = [t + coeff * x for t, x in zip(total, pair["xi"])]
             diffs.append(losses[0] - losses[1])

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from . import seeds as seed_ranges
@@ -51,7 +52,7 @@ from .models import apply, build_model, split_state
 from .operators import Adam, Operator
 from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from .runlog import RunLog
-from .step import training_step
+from .step import population_step, training_step
 from .teacher import load_model_checkpoint, teacher_logits, teacher_path
 from .train import train
 
@@ -118,6 +119,28 @@ def advance(operator: LSTMOperator, ep: Episode, k: int) -> None:
             train_step(operator, ep)
 
 
+def advance_together(nets: list[nn.Module], eps: list[Episode], k: int) -> None:
+    """``k`` steps of episodes of one student at one step and length, each with its operator weights
+    (``nets``), by one vmapped :func:`l2o_kd.step.population_step` per step: the steps they take alone
+    (up to rounding; tested). Stacks their tensors, and gives each its own back (copies) at the end."""
+    stack = lambda dicts: {key: torch.stack([d[key] for d in dicts]) for key in dicts[0]}
+    params, buffers, state = (stack([getattr(ep, a) for ep in eps]) for a in ("params", "buffers", "state"))
+    weights = stack([dict(net.named_parameters()) for net in nets])
+    first, operator = eps[0], LSTMOperator(nets[0])
+    with torch.no_grad():
+        for _ in range(min(k, first.length - first.step)):
+            batches = [ep.train_loader.batch_at(ep.step, ep.seed) for ep in eps]
+            x, y = torch.stack([b.x for b in batches]), torch.stack([b.y for b in batches])
+            t_logits = torch.stack([ep.logits[b.idx.to(ep.logits.device)] for ep, b in zip(eps, batches)])
+            params, state, _ = population_step(operator, first.model, params, buffers, state, x, y, t_logits, weights, step=first.step,
+                                               total_steps=first.length, kd_form=first.cfg.kd_form,
+                                               fixed_kd=(TrainConfig.beta, TrainConfig.temperature))
+            for ep in eps:
+                ep.step += 1
+    for i, ep in enumerate(eps):
+        ep.params, ep.buffers, ep.state = ({key: v[i].clone() for key, v in d.items()} for d in (params, buffers, state))
+
+
 def unroll(operator: LSTMOperator, ep: Episode, k: int) -> torch.Tensor:
     """``k`` operator steps of an episode; returns the mean validation CE after each (a graph to phi),
     after step t on batch t + 1 of the episode's validation stream (``val_loader.batch_at``, seed + 7)."""
@@ -176,6 +199,19 @@ class OperatorTask:
 
     def advance(self, net, ep: Episode, k: int) -> None:
         advance(LSTMOperator(net), ep, k)
+
+    def advance_all(self, moves: list[tuple[nn.Module, Episode, int]]) -> None:
+        """With ``cfg.vmap``, the particles of one student, step, length and k advanced together
+        (:func:`advance_together`); else one by one."""
+        if not self.cfg.vmap:
+            for net, ep, k in moves:
+                self.advance(net, ep, k)
+            return
+        groups: dict[tuple, list] = {}
+        for net, ep, k in moves:
+            groups.setdefault((ep.student, ep.step, ep.length, k), []).append((net, ep))
+        for (*_, k), members in groups.items():
+            advance_together([net for net, _ in members], [ep for _, ep in members], k)
 
     def loss(self, ep: Episode) -> float:
         return episode_loss(ep, self.cfg.es_eval, self.cfg.es_objective)
@@ -237,6 +273,8 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     missing = [p for p in ES_PARAMS[cfg.es_params] if not any(name.startswith(p) for name, _ in net.named_parameters())]
     if missing:
         raise UserError(f"--es-params {cfg.es_params}: this operator (per-coordinate part {net.cfg.per_coordinate!r}) has no weights {', '.join(missing)}")
+    if cfg.vmap and net.cfg.per_coordinate != "mlp":  # nn.LSTM over coordinates has no batching rule (the mlp's is written out)
+        raise UserError(f"--vmap: this operator's per-coordinate part {net.cfg.per_coordinate!r} does not run under vmap; use --per-coordinate mlp")
     operator = LSTMOperator(net)
     meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
     meta_step, episode_idx, skipped, best, wall = 0, 0, 0, -1.0, 0.0

@@ -16,6 +16,7 @@ in the logits; teacher logits cached by an older version were computed channels-
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,28 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class _Layout:
+    """Models lay their input out as ``activation_format`` (channels-last, :data:`MEMORY_FORMAT`); None keeps
+    it as given, which ``vmap`` needs (it cannot re-lay-out a batched tensor): see :func:`as_given_layout`."""
+
+    activation_format: torch.memory_format | None = MEMORY_FORMAT
+
+    def laid_out(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.activation_format is None else x.contiguous(memory_format=self.activation_format)
+
+
+@contextmanager
+def as_given_layout(model: nn.Module):
+    """Within the block, ``model`` runs on its input's memory layout as given (its result the same up to rounding)."""
+    saved = model.activation_format
+    model.activation_format = None
+    try:
+        yield model
+    finally:
+        model.activation_format = saved
+
+
+class CifarResNet(_Layout, nn.Module):
     def __init__(self, depth: int, num_classes: int = 10):
         super().__init__()
         if (depth - 2) % 6:
@@ -71,12 +93,12 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x):
-        x = x.contiguous(memory_format=MEMORY_FORMAT)
+        x = self.laid_out(x)
         x = self.layers(F.relu(self.bn1(self.conv1(x))))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-class ConvNet(nn.Module):
+class ConvNet(_Layout, nn.Module):
     """conv-BN-ReLU-maxpool per width, then an MLP head (``tiny`` and its variations, ``small``)."""
 
     def __init__(self, widths=(8, 16, 32), hidden: int | None = 64, padding: int = 0, num_classes: int = 10):
@@ -93,7 +115,7 @@ class ConvNet(nn.Module):
             self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
     def forward(self, x):
-        return self.head(self.features(x.contiguous(memory_format=MEMORY_FORMAT)))
+        return self.head(self.features(self.laid_out(x)))
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {

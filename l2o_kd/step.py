@@ -23,7 +23,7 @@ import torch
 
 from .distill import kd_gradient, kd_terms
 from .errors import Diverged
-from .models import apply, like_param
+from .models import apply, as_given_layout, like_param
 from .operators import Operator, StepContext
 
 Params = dict[str, torch.Tensor]
@@ -90,3 +90,48 @@ def training_step(operator: Operator, model, params: Params, buffers: Params, st
     if not differentiable:
         new_params = {k: p.detach() for k, p in new_params.items()}
     return StepResult(new_params, new_state, info, grads, ctx, stats, beta, temperature)
+
+
+def functional_gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, temperature, kd_form: str):
+    """:func:`gradient`'s KD gradient and stats by ``torch.func.grad`` instead of ``autograd.grad``: the form
+    that runs under ``vmap`` (train-mode BatchNorm still moves ``buffers``, batched or not)."""
+
+    def loss(w, b):  # the buffers an argument: a transform may move them in place only then
+        logits = apply(model, w, b, x, train=True)
+        terms = kd_terms(logits, t_logits, y, beta, temperature, kd_form)
+        return terms.total, torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach()
+
+    return torch.func.grad(loss, has_aux=True)(params, buffers)
+
+
+class _Stepper(torch.nn.Module):
+    """One student's training step as a call of a module holding the operator's weights, so that
+    ``torch.func.functional_call`` can run it with other weights (one perturbation of them per student)."""
+
+    def __init__(self, operator: Operator, model, kd_form: str, fixed_kd: tuple[float, float]):
+        super().__init__()
+        self.net = operator.net
+        self.operator, self.model, self.kd_form, self.fixed_kd = operator, model, kd_form, fixed_kd
+
+    def forward(self, params, buffers, state, x, y, t_logits, step: int, total_steps: int):
+        kd = self.operator.kd(state)
+        beta, temperature = (kd.beta, kd.temperature) if kd else self.fixed_kd
+        grads, stats = functional_gradient(self.model, params, buffers, x, y, t_logits, beta, temperature, self.kd_form)
+        new_params, new_state, _ = self.operator.step(params, grads, state, StepContext(step, total_steps, stats[0], stats[1], stats[2]))
+        return new_params, new_state, stats
+
+
+def population_step(operator: Operator, model, params: Params, buffers: Params, state: dict, x, y, t_logits, weights: Params, *,
+                    step: int, total_steps: int, kd_form: str, fixed_kd: tuple[float, float]) -> tuple[Params, dict, torch.Tensor]:
+    """:func:`training_step` for a population of N students of one architecture in one ``torch.func.vmap``
+    call: weights, buffers (moved in place), operator states, batches ``x, y, t_logits`` and the learned
+    operator's ``weights`` (its named parameters, e.g. ES's perturbations) all stacked along a first
+    dimension of N. Returns the new weights and states (stacked) and the stats (N x 4). The step of each
+    student is the one it takes alone (tested); on a GPU, dozens of small students for the price of one."""
+    stepper = _Stepper(operator, model, kd_form, fixed_kd)
+
+    def one(w, p, b, s, xb, yb, tb):
+        return torch.func.functional_call(stepper, {f"net.{k}": v for k, v in w.items()}, (p, b, s, xb, yb, tb, step, total_steps))
+
+    with as_given_layout(model):
+        return torch.func.vmap(one)(weights, params, buffers, state, x, y, t_logits)

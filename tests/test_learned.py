@@ -343,7 +343,7 @@ def test_the_hierarchical_operator_steps_a_population_under_vmap_as_one_by_one()
     for step in range(3):
         grads = stack([{k: torch.randn(v.shape, generator=torch.Generator().manual_seed(10 * i + step), dtype=v.dtype)
                         for k, v in students[i].items()} for i in range(n)])
-        one = lambda p, g, s, loss: op.step(p, g, s, StepContext(step, 20, loss[0], loss[1], loss[2]))[:2]
+        one = lambda p, g, s, loss, step=step: op.step(p, g, s, StepContext(step, 20, loss[0], loss[1], loss[2]))[:2]
         with torch.no_grad():
             p, state = torch.func.vmap(one)(p, grads, state, losses)
     for i in range(n):
