@@ -11,6 +11,10 @@ deploys on: the same batches (``BatchLoader``), normalization, KD loss, gradient
 space, ``g = J_s^T dL/ds``, differentiable in beta and T (first order in the weights, see
 :func:`l2o_kd.distill.kd_gradient`), and keeps the operator step in the graph; otherwise ``g`` is
 plain autograd of the loss and nothing is kept. Both give the same ``g`` (tested).
+
+:func:`population_step` is this step for N students of one architecture at once, one ``vmap`` call
+(``meta-train --vmap``): the gradient by ``torch.func.grad`` of the same loss, each student's step the one
+it takes alone up to rounding (tested).
 """
 
 from __future__ import annotations
@@ -104,21 +108,16 @@ def functional_gradient(model, params: Params, buffers: Params, x, y, t_logits, 
     return torch.func.grad(loss, has_aux=True)(params, buffers)
 
 
-class _Stepper(torch.nn.Module):
-    """One student's training step as a call of a module holding the operator's weights, so that
+class _WithWeights(torch.nn.Module):
+    """Runs ``fn`` as a call of a module that holds the operator's weights ``net``, so that
     ``torch.func.functional_call`` can run it with other weights (one perturbation of them per student)."""
 
-    def __init__(self, operator: Operator, model, kd_form: str, fixed_kd: tuple[float, float]):
+    def __init__(self, net: torch.nn.Module, fn):
         super().__init__()
-        self.net = operator.net
-        self.operator, self.model, self.kd_form, self.fixed_kd = operator, model, kd_form, fixed_kd
+        self.net, self.fn = net, fn
 
-    def forward(self, params, buffers, state, x, y, t_logits, step: int, total_steps: int):
-        kd = self.operator.kd(state)
-        beta, temperature = (kd.beta, kd.temperature) if kd else self.fixed_kd
-        grads, stats = functional_gradient(self.model, params, buffers, x, y, t_logits, beta, temperature, self.kd_form)
-        new_params, new_state, _ = self.operator.step(params, grads, state, StepContext(step, total_steps, stats[0], stats[1], stats[2]))
-        return new_params, new_state, stats
+    def forward(self, *args):
+        return self.fn(*args)
 
 
 def population_step(operator: Operator, model, params: Params, buffers: Params, state: dict, x, y, t_logits, weights: Params, *,
@@ -128,10 +127,18 @@ def population_step(operator: Operator, model, params: Params, buffers: Params, 
     operator's ``weights`` (its named parameters, e.g. ES's perturbations) all stacked along a first
     dimension of N. Returns the new weights and states (stacked) and the stats (N x 4). The step of each
     student is the one it takes alone (tested); on a GPU, dozens of small students for the price of one."""
-    stepper = _Stepper(operator, model, kd_form, fixed_kd)
+
+    def student_step(p, b, s, xb, yb, tb):
+        kd = operator.kd(s)
+        beta, temperature = (kd.beta, kd.temperature) if kd else fixed_kd
+        grads, stats = functional_gradient(model, p, b, xb, yb, tb, beta, temperature, kd_form)
+        new_params, new_state, _ = operator.step(p, grads, s, StepContext(step, total_steps, stats[0], stats[1], stats[2]))
+        return new_params, new_state, stats
+
+    stepper = _WithWeights(operator.net, student_step)
 
     def one(w, p, b, s, xb, yb, tb):
-        return torch.func.functional_call(stepper, {f"net.{k}": v for k, v in w.items()}, (p, b, s, xb, yb, tb, step, total_steps))
+        return torch.func.functional_call(stepper, {f"net.{k}": v for k, v in w.items()}, (p, b, s, xb, yb, tb))
 
     with as_given_layout(model):
         return torch.func.vmap(one)(weights, params, buffers, state, x, y, t_logits)
