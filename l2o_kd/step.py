@@ -57,7 +57,8 @@ def gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, tempe
     with torch.enable_grad():  # also inside no_grad (ES and PES episodes)
         w = {k: p.detach().requires_grad_(True) for k, p in params.items()}
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = apply(model, w, buffers, x, train=True).float()
+            logits = apply(model, w, buffers, x, train=True)
+        logits = logits.float() if amp else logits  # the loss in float32 under autocast, else in the model's precision
         terms = kd_terms(logits, t_logits, y, beta, temperature, kd_form)
         grads = {k: like_param(g, w[k]) for k, g in zip(w, torch.autograd.grad(terms.total, list(w.values())))}
     stats = torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach()

@@ -1,4 +1,3 @@
-import copy
 import dataclasses
 import itertools
 
@@ -15,7 +14,6 @@ from l2o_kd.data import load_splits
 from l2o_kd.errors import UserError
 from l2o_kd.estimators import ES, PES, TBPTT, TruncationSchedule
 from l2o_kd.meta import Episode, OperatorTask, meta_train, unroll
-from l2o_kd.models import apply, frozen
 from l2o_kd.operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from l2o_kd.runlog import read_metrics
 from l2o_kd.teacher import load_model_checkpoint, teacher_logits
@@ -222,53 +220,13 @@ def test_meta_validation_on_several_students_runs_every_seed_on_each(tmp_path, t
         MetaConfig(val_students="tiny,nope", **kw).validate()
 
 
-def test_a_population_advanced_together_takes_the_steps_its_students_take_alone(synthetic_episode):
-    """Three episodes (their own seeds, batches and operator weights, as ES's perturbed pairs have)
-    advanced by the vmapped population step end where each ends alone, up to float rounding (the batched
-    convolutions round differently, ~1e-7 relative): after 4 steps the weights, running variances, operator
-    state and the student's train-mode logits agree to 1e-5 (4 steps do not amplify rounding by
-    100). Not compared: the conv biases in front of a BatchNorm (their gradient is rounding only, and the
-    unit-RMS update makes it a full-size step in a rounding-determined direction: it cancels in the BatchNorm's
-    batch statistics, not in its running means, which differ too, as do the LSTM rows of those tensors)."""
-    torch.manual_seed(0)
-    base = LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, rms_floor=1e-3, mix=True))
-    with torch.no_grad():
-        base.head[-1].weight.normal_(0, 0.3)
-    nets = []
-    for i in range(3):
-        net = copy.deepcopy(base)
-        with torch.no_grad():
-            net.mix.add_(0.3 * i)  # weights that differ per particle
-            net.head[-1].bias.add_(0.2 * i)
-        nets.append(net)
-    alone = [synthetic_episode(LSTMOperator(net), 20 + i, 10) for i, net in enumerate(nets)]
-    together = [synthetic_episode(LSTMOperator(net), 20 + i, 10) for i, net in enumerate(nets)]
-    for net, ep in zip(nets, alone):
-        meta.advance(LSTMOperator(net), ep, 4)
-    meta.advance_together(nets, together, 4)
-    features = alone[0].model.features
-    rounding_only = {f"features.{i}.bias" for i in range(len(features) - 1) if isinstance(features[i + 1], torch.nn.BatchNorm2d)}
-    kept_rows = torch.tensor([name not in rounding_only for name in alone[0].params])
-    close = lambda a, b, what: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=what)
-    x = alone[0].val_loader.batch_at(0, 0).x
-    for a, b in zip(alone, together):
-        assert b.step == a.step == 4
-        for key in a.params.keys() - rounding_only:
-            close(b.params[key], a.params[key], key)
-        for key in (k for k in a.buffers if k.endswith("running_var")):
-            close(b.buffers[key], a.buffers[key], key)
-        for key, v in a.state.items():
-            close(b.state[key][:, kept_rows] if key in ("h", "c") else b.state[key], v[:, kept_rows] if key in ("h", "c") else v, key)
-        logits = lambda ep: apply(ep.model, ep.params, frozen(ep.buffers), x, train=True)  # batch statistics: the biases cancel
-        close(logits(b), logits(a), "train-mode logits")
-    assert not torch.allclose(alone[0].params["head.3.bias"], alone[1].params["head.3.bias"])  # the episodes differ
-
-
 def test_vmap_es_meta_training_takes_the_meta_steps_of_the_loop(tmp_path, teacher_ckpt):
-    """ES with --vmap (each meta-step's particles advanced together) and with the loop take the same 2
-    meta-steps of 2 pairs, up to rounding, which the conv biases in front of BatchNorm amplify (see the test
-    above: they move the running means, so the eval-mode objective by ~1e-3): the same direction (cosine > 0.99)
-    and size (within 5%) of the weights' movement. --vmap is refused where it cannot run."""
+    """ES with --vmap (each meta-step's particles advanced together, meta.advance_together) and with the loop
+    take the same 2 meta-steps of 2 pairs up to rounding: float32, and the convolutions of the two paths use
+    other memory layouts (other algorithms, ~1e-3 of a gradient on resnet8); the unit-RMS updates of the
+    rounding-only conv biases (tests/test_step.py) move the BatchNorm running means and so the eval-mode
+    objective. Measured: cosine 0.9995 between the weights' movements; asserted: the same direction (cosine
+    > 0.98) and size (within 10%). --vmap is refused where it cannot run."""
     kw = dict(dataset="synthetic", teacher=str(teacher_ckpt), method="es", es_params="mix-schedule", curriculum="6", meta_steps=2, validate_every=5,
               val_horizon=3, val_seeds="1000", batch_size=32, es_eval=64, pairs=2, sigma=0.3, meta_lr=0.05, es_objective="ce", progress=False)
     torch.manual_seed(0)
@@ -281,8 +239,8 @@ def test_vmap_es_meta_training_takes_the_meta_steps_of_the_loop(tmp_path, teache
     start = init.net.state_dict()
     moved = {vmap: torch.cat([(w[k] - start[k]).flatten() for k in ("mix", "head.2.bias", "schedule.weight")]) for vmap, w in runs.items()}
     assert float(moved[False].norm()) > 0.1  # Adam's 2 steps of 0.05 in most of the 11 weights
-    assert F.cosine_similarity(moved[True], moved[False], dim=0) > 0.99
-    assert abs(float(moved[True].norm() / moved[False].norm()) - 1) < 0.05
+    assert F.cosine_similarity(moved[True], moved[False], dim=0) > 0.98
+    assert abs(float(moved[True].norm() / moved[False].norm()) - 1) < 0.1
     with pytest.raises(UserError, match="does not run under vmap"):
         meta_train(MetaConfig(**{**kw, "es_params": "schedule"}, vmap=True, runs_dir=str(tmp_path), run_name="lstm"))
     with pytest.raises(UserError, match="--method es or pes"):
