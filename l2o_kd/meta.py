@@ -14,7 +14,9 @@ An episode (a *particle*) is a fresh student (drawn from ``--students``, seeded 
 range of :mod:`l2o_kd.seeds`) trained by the operator with :func:`l2o_kd.step.training_step`, the
 step deploy takes, on the batches deploy would draw for that seed, with cached teacher logits.
 ``--pairs`` particles (pairs for ES/PES) form the population of a meta-step; under torchrun every
-rank has its own and the meta-gradients are averaged.
+rank has its own and the meta-gradients are averaged. With ``--vmap`` the ES/PES particles of one
+student advance together (:func:`advance_together`: :func:`l2o_kd.step.population_step`, one vmapped
+step for all of them, each with its perturbed weights), for a GPU.
 
 For TBPTT the gradient fed to the operator is built in logit space,
 
