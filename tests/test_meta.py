@@ -96,13 +96,16 @@ def test_meta_train_resumes_and_skips_non_finite_steps(tmp_path, teacher_ckpt, m
     assert load_checkpoint(tmp_path / "m" / "meta_checkpoint.pt", kind="operator")["progress"]["meta_step"] == 6
 
 
-@pytest.mark.parametrize("method", ["tbptt", "es", "pes"])
+@pytest.mark.parametrize("method", ["tbptt", "es", "pes", "pes-vmap"])
 def test_interrupted_meta_training_resumes_to_the_same_operator(tmp_path, teacher_ckpt, monkeypatch, method):
     """Killed during meta-step 3 (after the step-2 checkpoint; tbptt and pes: mid-episode, their
-    particles saved), resumed: the same operator and log as an uninterrupted run."""
+    particles saved), resumed: the same operator and log as an uninterrupted run (pes-vmap: its
+    population advanced together, an operator with the per-coordinate MLP)."""
+    vmap = method == "pes-vmap"
+    method = method.removesuffix("-vmap")
     kw = dict(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny,tiny_wide", method=method, unroll=3, curriculum="12",
               meta_steps=7, validate_every=2, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64, pairs=2, runs_dir=str(tmp_path),
-              progress=False)
+              progress=False, vmap=vmap, per_coordinate="mlp" if vmap else "lstm")
     meta_train(MetaConfig(run_name="full", **kw))
     cls = {"tbptt": TBPTT, "es": ES, "pes": PES}[method]
     real = cls.estimate
