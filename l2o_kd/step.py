@@ -56,13 +56,19 @@ def gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, tempe
         return grads, stats, None
     with torch.enable_grad():  # also inside no_grad (ES and PES episodes)
         w = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = apply(model, w, buffers, x, train=True)
-        logits = logits.float() if amp else logits  # the loss in float32 under autocast, else in the model's precision
-        terms = kd_terms(logits, t_logits, y, beta, temperature, kd_form)
-        grads = {k: like_param(g, w[k]) for k, g in zip(w, torch.autograd.grad(terms.total, list(w.values())))}
-    stats = torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach()
+        total, stats, logits = _batch_loss(model, w, buffers, x, y, t_logits, beta, temperature, kd_form, amp)
+        grads = {k: like_param(g, w[k]) for k, g in zip(w, torch.autograd.grad(total, list(w.values())))}
     return grads, stats, logits.detach()
+
+
+def _batch_loss(model, params: Params, buffers: Params, x, y, t_logits, beta, temperature, kd_form: str, amp: bool = False):
+    """The KD loss of one batch in train mode (BatchNorm moves ``buffers``), its detached stats
+    ``[total, ce, kd, acc]`` and the logits."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = apply(model, params, buffers, x, train=True)
+    logits = logits.float() if amp else logits  # the loss in float32 under autocast, else in the model's precision
+    terms = kd_terms(logits, t_logits, y, beta, temperature, kd_form)
+    return terms.total, torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach(), logits
 
 
 def training_step(operator: Operator, model, params: Params, buffers: Params, state: dict, x, y, t_logits, *, step: int,
@@ -102,9 +108,7 @@ def functional_gradient(model, params: Params, buffers: Params, x, y, t_logits, 
     that runs under ``vmap`` (train-mode BatchNorm still moves ``buffers``, batched or not)."""
 
     def loss(w, b):  # the buffers an argument: a transform may move them in place only then
-        logits = apply(model, w, b, x, train=True)
-        terms = kd_terms(logits, t_logits, y, beta, temperature, kd_form)
-        return terms.total, torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach()
+        return _batch_loss(model, w, b, x, y, t_logits, beta, temperature, kd_form)[:2]
 
     return torch.func.grad(loss, has_aux=True)(params, buffers)
 
