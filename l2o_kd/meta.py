@@ -277,6 +277,9 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         raise UserError(f"--es-params {cfg.es_params}: this operator (per-coordinate part {net.cfg.per_coordinate!r}) has no weights {', '.join(missing)}")
     if cfg.vmap and net.cfg.per_coordinate != "mlp":  # nn.LSTM over coordinates has no batching rule (the mlp's is written out)
         raise UserError(f"--vmap: this operator's per-coordinate part {net.cfg.per_coordinate!r} does not run under vmap; use --per-coordinate mlp")
+    if net.cfg.split_kd and (cfg.vmap or cfg.method == "tbptt"):  # neither the vmapped nor the differentiable step builds it
+        raise UserError(f"{'--vmap' if cfg.vmap else '--method tbptt'}: this operator (split_kd) reads the KD share of the gradient, "
+                        "which only the plain training step builds: use --method es or pes without --vmap")
     operator = LSTMOperator(net)
     meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
     meta_step, episode_idx, skipped, best, wall = 0, 0, 0, -1.0, 0.0

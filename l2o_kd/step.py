@@ -46,29 +46,37 @@ class StepResult:
 
 
 def gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, temperature, kd_form: str, amp: bool = False,
-             differentiable: bool = False, second_order: bool = False) -> tuple[Params, torch.Tensor, torch.Tensor | None]:
-    """The KD gradient of one batch, its stats ``[total, ce, kd, acc]`` and the student's logits
-    (detached; acc NaN and no logits when ``differentiable``: the logit-space path does not keep them)."""
-    if differentiable:
+             differentiable: bool = False, second_order: bool = False,
+             kd_part: bool = False) -> tuple[Params, torch.Tensor, torch.Tensor | None, Params | None]:
+    """The KD gradient of one batch, its stats ``[total, ce, kd, acc]``, the student's logits (detached; acc NaN
+    and no logits when ``differentiable``: the logit-space path does not keep them) and, with ``kd_part``, the
+    KD term's share of the gradient, ``beta * dKD/dw`` (one more backward pass; the gradient itself is the same
+    to the bit), else None (always None when ``differentiable``)."""
+    if differentiable:  # (no KD share here: meta_train refuses tbptt for an operator that reads it)
         grads, ce, kd = kd_gradient(model, params, buffers, x, y, t_logits, beta, temperature, second_order, kd_form)
         b = float(beta.detach()) if isinstance(beta, torch.Tensor) else float(beta)
         stats = torch.tensor([(1 - b) * ce + b * kd, ce, kd, float("nan")], device=x.device)
-        return grads, stats, None
+        return grads, stats, None, None
     with torch.enable_grad():  # also inside no_grad (ES and PES episodes)
         w = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-        total, stats, logits = _batch_loss(model, w, buffers, x, y, t_logits, beta, temperature, kd_form, amp)
-        grads = {k: like_param(g, w[k]) for k, g in zip(w, torch.autograd.grad(total, list(w.values())))}
-    return grads, stats, logits.detach()
+        total, stats, logits, kd = _batch_loss(model, w, buffers, x, y, t_logits, beta, temperature, kd_form, amp)
+        grads = {k: like_param(g, w[k]) for k, g in zip(w, torch.autograd.grad(total, list(w.values()), retain_graph=kd_part))}
+        part = None
+        if kd_part:
+            shares = (torch.autograd.grad(beta * kd, list(w.values()), materialize_grads=True) if kd.requires_grad
+                      else [torch.zeros_like(v) for v in w.values()])  # no teacher: no KD part
+            part = {k: like_param(g, w[k]) for k, g in zip(w, shares)}
+    return grads, stats, logits.detach(), part
 
 
 def _batch_loss(model, params: Params, buffers: Params, x, y, t_logits, beta, temperature, kd_form: str, amp: bool = False):
     """The KD loss of one batch in train mode (BatchNorm moves ``buffers``), its detached stats
-    ``[total, ce, kd, acc]`` and the logits."""
+    ``[total, ce, kd, acc]``, the logits and the KD term (in the graph)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         logits = apply(model, params, buffers, x, train=True)
     logits = logits.float() if amp else logits  # the loss in float32 under autocast, else in the model's precision
     terms = kd_terms(logits, t_logits, y, beta, temperature, kd_form)
-    return terms.total, torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach(), logits
+    return terms.total, torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach(), logits, terms.kd
 
 
 def training_step(operator: Operator, model, params: Params, buffers: Params, state: dict, x, y, t_logits, *, step: int,
@@ -86,15 +94,17 @@ def training_step(operator: Operator, model, params: Params, buffers: Params, st
             apply(model, params, buffers, x, train=True)
     kd = operator.kd(state)
     beta, temperature = (kd.beta, kd.temperature) if kd else fixed_kd
-    grads, stats, logits = gradient(model, params, buffers, x, y, t_logits, beta, temperature, kd_form, amp, differentiable, second_order)
+    grads, stats, logits, part = gradient(model, params, buffers, x, y, t_logits, beta, temperature, kd_form, amp, differentiable,
+                                          second_order, kd_part=operator.needs_kd_part)
     if reduce is not None:  # the gradient and loss of the global batch: means over equal shards
-        *averaged, stats = reduce([*grads.values(), stats])
+        *averaged, stats = reduce([*grads.values(), *(part or {}).values(), stats])
         grads = dict(zip(grads, averaged))
+        part = dict(zip(part, averaged[len(grads):])) if part else part
     loss, ce, kd_value, _ = stats.tolist()
     if raise_on_nan and not math.isfinite(loss):
         raise Diverged(step, "training loss")
     # the full-precision logits of this batch at these weights: a hypergradient may reuse them
-    ctx = StepContext(step, total_steps, loss, ce, kd_value, batches, logits if not amp and reduce is None else None)
+    ctx = StepContext(step, total_steps, loss, ce, kd_value, batches, logits if not amp and reduce is None else None, part)
     with torch.set_grad_enabled(differentiable):
         current = params if differentiable else {k: p.detach() for k, p in params.items()}
         new_params, new_state, info = operator.step(current, grads, state, ctx)

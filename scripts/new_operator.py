@@ -17,9 +17,11 @@ is taken over is, to a few hundredths in its logits, the same schedule.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import torch
 
+from l2o_kd.errors import UserError
 from l2o_kd.operators.learned import PER_COORDINATE, LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 
 HEAD = ("head.", "schedule.", "beta_bias", "temperature_bias")  # the global head's weights and buffers
@@ -35,14 +37,32 @@ def main() -> None:
     ap.add_argument("--normalize-update", action="store_true")
     ap.add_argument("--rms-floor", type=float, default=d.rms_floor)
     ap.add_argument("--mix", action="store_true", help="the prior direction a learned mix of terms (LSTMOperatorConfig.mix)")
+    ap.add_argument("--split-kd", action="store_true", help="with --mix: DOT's direction as one more term (LSTMOperatorConfig.split_kd)")
     ap.add_argument("--head-from", default=None, help="take the global head over from this operator checkpoint")
+    ap.add_argument("--weights-from", default=None,
+                    help="take every weight over from this operator checkpoint (its mix's terms first, a new term at 0)")
     ap.add_argument("--seed", type=int, default=0, help="initialization of the new weights")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     cfg = LSTMOperatorConfig(hidden=args.hidden, base_scale=args.base_scale, normalize_update=args.normalize_update,
-                             per_coordinate=args.per_coordinate, coord_hidden=args.coord_hidden, rms_floor=args.rms_floor, mix=args.mix)
-    net = LSTMOperatorNet(cfg)
+                             per_coordinate=args.per_coordinate, coord_hidden=args.coord_hidden, rms_floor=args.rms_floor, mix=args.mix,
+                             split_kd=args.split_kd)
+    if args.head_from and args.weights_from:
+        ap.error("--head-from and --weights-from: give one")
+    try:
+        net = LSTMOperatorNet(cfg)
+    except UserError as exc:
+        ap.error(str(exc))
+    if args.weights_from:
+        source = load_operator(args.weights_from).net
+        if replace(source.cfg, mix=cfg.mix, split_kd=cfg.split_kd) != cfg:
+            ap.error(f"--weights-from {args.weights_from}: its config {source.cfg} differs from this one in more than mix and split_kd")
+        weights = source.state_dict()
+        if "mix" in weights:  # the source's terms keep their weights, a term it does not have starts at 0
+            weights["mix"] = torch.cat([weights["mix"], torch.zeros(cfg.n_terms - len(weights["mix"]))])
+        net.load_state_dict({**net.state_dict(), **weights})
+        print(f"every weight from {args.weights_from}")
     if args.head_from:
         source = load_operator(args.head_from).net
         if source.cfg.base_scale != cfg.base_scale or source.cfg.hidden != cfg.hidden:
@@ -50,7 +70,7 @@ def main() -> None:
         head = {k: v for k, v in source.state_dict().items() if k.startswith(HEAD)}
         net.load_state_dict({**net.state_dict(), **head})
         print(f"global head from {args.head_from}: {', '.join(sorted(head))}")
-    LSTMOperator(net).save(args.out, origin={"head_from": args.head_from, "seed": args.seed})
+    LSTMOperator(net).save(args.out, origin={"head_from": args.head_from, "weights_from": args.weights_from, "seed": args.seed})
     print(f"wrote {args.out}: {LSTMOperator(net).config()}")
 
 

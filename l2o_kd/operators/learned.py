@@ -74,6 +74,12 @@ class LSTMOperatorConfig:
     # m(0.9) / sqrt(v) (v the running mean square of the gradient, 0.999) and sign(m(0.9)). A few weights that
     # change the shape of every coordinate's update, e.g. towards Adam's per-coordinate normalization.
     mix: bool = False
+    # True (with mix): one more term of the mix, DOT's direction (Zhao et al., ICCV 2023: separate momenta for the
+    # task and the distillation gradient): a momentum buffer b <- mu b + share for each of the CE share g - beta dKD/dw
+    # and the KD share beta dKD/dw of the gradient, mu = 0.9 -+ 0.075 (:data:`DOT_MOMENTA`), their sum at unit RMS per
+    # tensor. Its weight starts at 0; the training step computes the KD share by one more backward pass
+    # (``Operator.needs_kd_part``).
+    split_kd: bool = False
 
     @property
     def n_inputs(self) -> int:
@@ -81,7 +87,7 @@ class LSTMOperatorConfig:
 
     @property
     def n_terms(self) -> int:
-        return len(self.timescales) + 2  # m_hat per timescale, Adam's direction, sign(m)
+        return len(self.timescales) + 2 + self.split_kd  # m_hat per timescale, Adam's direction, sign(m)[, DOT's direction]
 
     @property
     def n_tensor_inputs(self) -> int:
@@ -95,6 +101,8 @@ class LSTMOperatorNet(nn.Module):
         super().__init__()
         if cfg.per_coordinate not in PER_COORDINATE:
             raise UserError(f"unknown per-coordinate part {cfg.per_coordinate!r}: use one of {', '.join(PER_COORDINATE)}")
+        if cfg.split_kd and not cfg.mix:
+            raise UserError("split_kd adds a term to the mix of directions: it needs mix")
         self.cfg = cfg
         if cfg.per_coordinate == "lstm":
             self.lstm = nn.LSTM(cfg.n_inputs, cfg.hidden, num_layers=cfg.layers)
@@ -156,6 +164,10 @@ class LSTMOperator(Operator):
     def cfg(self) -> LSTMOperatorConfig:
         return self.net.cfg
 
+    @property
+    def needs_kd_part(self) -> bool:
+        return self.cfg.split_kd
+
     def init(self, params: Params) -> State:
         ref = next(iter(params.values()))
         n = sum(p.numel() for p in params.values())
@@ -165,6 +177,7 @@ class LSTMOperator(Operator):
         return {
             "momenta": z(len(c.timescales), n),
             **({"second": z(1, n)} if c.mix else {}),
+            **({"dot": z(2, n)} if c.split_kd else {}),
             "h": z(c.layers, units, c.hidden),
             "c": z(c.layers, units, c.hidden),
             "beta": torch.sigmoid(self.net.beta_bias).to(ref),
@@ -197,8 +210,18 @@ class LSTMOperator(Operator):
             second = ADAM_DECAY * state["second"] + (1 - ADAM_DECAY) * g**2
             adam = momenta[mid:mid + 1] / (torch.sqrt(second) + 1e-12)
             adam = _unit_rms(adam, floored(_tensor_means(adam**2, sizes), adam, self.cfg.rms_floor), sizes)
-            prior = self.net.mix @ torch.cat([m_hat, adam, torch.sign(momenta[mid:mid + 1])])
+            terms = [m_hat, adam, torch.sign(momenta[mid:mid + 1])]
             mixed = {"second": second}
+            if self.cfg.split_kd:
+                if ctx.kd_part is None:
+                    raise UserError("this operator (split_kd) needs the KD share of the gradient: run it through the training step")
+                kd = torch.nan_to_num(torch.cat([ctx.kd_part[k].reshape(-1) for k in names]), nan=0.0, posinf=0.0, neginf=0.0)
+                mu = torch.tensor(DOT_MOMENTA, device=g.device, dtype=g.dtype)[:, None]
+                dot = mu * state["dot"] + torch.stack([g - kd, kd])  # CE share, KD share
+                both = dot.sum(0, keepdim=True)
+                terms.append(_unit_rms(both, floored(_tensor_means(both**2, sizes), both, self.cfg.rms_floor), sizes))
+                mixed["dot"] = dot
+            prior = self.net.mix @ torch.cat(terms)
         else:
             prior = m_hat[mid]
         direction = -prior + coord[0]
@@ -290,6 +313,7 @@ def load_operator(path, device: str = "cpu") -> LSTMOperator:
 
 
 ADAM_DECAY = 0.999  # the running mean square of the gradient in the mix's Adam term (Adam's beta_2)
+DOT_MOMENTA = (0.825, 0.975)  # split_kd: DOT's momenta of the CE and the KD share (its defaults: 0.9 -+ delta 0.075)
 
 
 def _prior_index(cfg: LSTMOperatorConfig) -> int:
