@@ -40,4 +40,4 @@ timeout 460 python3 -m l2o_kd meta-train --data-root $DATA --device $DEVICE --me
   2>&1 | tail -5 | tee -a $OUT/log.txt
 echo "es wall $(( $(date +%s) - start )) s" | tee -a $OUT/log.txt
 cp /tmp/runs/es-gpu/metrics.jsonl $OUT/es_metrics.jsonl
-tar czf $OUT/es-events.tar.gz -C /tmp/runs es-gpu --exclude='*.pt'
+tar czf $OUT/es-events.tar.gz --exclude='*.pt' -C /tmp/runs es-gpu
