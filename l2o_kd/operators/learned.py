@@ -210,18 +210,18 @@ class LSTMOperator(Operator):
             second = ADAM_DECAY * state["second"] + (1 - ADAM_DECAY) * g**2
             adam = momenta[mid:mid + 1] / (torch.sqrt(second) + 1e-12)
             adam = _unit_rms(adam, floored(_tensor_means(adam**2, sizes), adam, self.cfg.rms_floor), sizes)
-            terms = [m_hat, adam, torch.sign(momenta[mid:mid + 1])]
+            terms = torch.cat([m_hat, adam, torch.sign(momenta[mid:mid + 1])])
+            prior = self.net.mix[:len(terms)] @ terms
             mixed = {"second": second}
-            if self.cfg.split_kd:
+            if self.cfg.split_kd:  # added after the others: at weight 0 the steps are bitwise those without it
                 if ctx.kd_part is None:
                     raise UserError("this operator (split_kd) needs the KD share of the gradient: run it through the training step")
                 kd = torch.nan_to_num(torch.cat([ctx.kd_part[k].reshape(-1) for k in names]), nan=0.0, posinf=0.0, neginf=0.0)
                 mu = torch.tensor(DOT_MOMENTA, device=g.device, dtype=g.dtype)[:, None]
                 dot = mu * state["dot"] + torch.stack([g - kd, kd])  # CE share, KD share
                 both = dot.sum(0, keepdim=True)
-                terms.append(_unit_rms(both, floored(_tensor_means(both**2, sizes), both, self.cfg.rms_floor), sizes))
+                prior = prior + self.net.mix[-1] * _unit_rms(both, floored(_tensor_means(both**2, sizes), both, self.cfg.rms_floor), sizes)[0]
                 mixed["dot"] = dot
-            prior = self.net.mix @ torch.cat(terms)
         else:
             prior = m_hat[mid]
         direction = -prior + coord[0]
