@@ -58,6 +58,8 @@ def main() -> None:
         source = load_operator(args.weights_from).net
         if replace(source.cfg, mix=cfg.mix, split_kd=cfg.split_kd) != cfg:
             ap.error(f"--weights-from {args.weights_from}: its config {source.cfg} differs from this one in more than mix and split_kd")
+        if source.cfg.n_terms > cfg.n_terms or (source.cfg.mix and not cfg.mix):
+            ap.error(f"--weights-from {args.weights_from}: it has terms this operator lacks (give --mix, --split-kd as it has them)")
         weights = source.state_dict()
         if "mix" in weights:  # the source's terms keep their weights, a term it does not have starts at 0
             weights["mix"] = torch.cat([weights["mix"], torch.zeros(cfg.n_terms - len(weights["mix"]))])
