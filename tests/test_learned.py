@@ -274,13 +274,19 @@ def _steps(op, params, n, grad_seed=0):
     return out
 
 
-def test_an_operator_with_the_mix_at_its_initialization_steps_exactly_as_one_without_it():
+@pytest.mark.parametrize("without,added", [({}, {"mix": True}), ({"mix": True}, {"mix": True, "split_kd": True})], ids=["mix", "dot"])
+def test_an_operator_with_an_added_term_at_its_initialization_steps_exactly_as_one_without_it(without, added):
+    """The mix at the designed prior (all weight on m_hat(0.9)), and the DOT term at weight 0 beside a trained kind of mix."""
     model, _ = _problem(torch.float32)
     params, _ = split_state(model)
     runs = []
-    for mix in (False, True):
+    for kw in (without, added):
         torch.manual_seed(0)
-        runs.append(_steps(LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, mix=mix))), params, 4))
+        net = LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, rms_floor=1e-3, **kw))
+        if without.get("mix"):
+            with torch.no_grad():
+                net.mix[:5].copy_(torch.tensor([0.6, 1.2, 0.7, 0.9, 0.3]))
+        runs.append(_steps(LSTMOperator(net), params, 4))
     assert all(torch.equal(a[k], b[k]) for a, b in zip(*runs) for k in a)
 
 
@@ -309,22 +315,6 @@ def test_the_mix_on_its_adam_term_steps_in_adams_direction_in_every_tensor():
             torch.testing.assert_close(b / b.pow(2).mean().sqrt(), a / a.pow(2).mean().sqrt(), rtol=1e-6, atol=1e-9)
 
 
-def test_an_operator_with_the_dot_term_at_weight_zero_steps_exactly_as_one_without_it():
-    model, _ = _problem(torch.float32)
-    params, _ = split_state(model)
-    runs = []
-    for split_kd in (False, True):
-        torch.manual_seed(0)
-        net = LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, rms_floor=1e-3, mix=True, split_kd=split_kd))
-        with torch.no_grad():
-            net.mix[:5].copy_(torch.tensor([0.6, 1.2, 0.7, 0.9, 0.3]))  # a trained operator's kind of mix
-        runs.append(_steps(LSTMOperator(net), params, 4))
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(*runs) for k in a)
-    assert LSTMOperator(net).needs_kd_part and not LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(mix=True))).needs_kd_part
-    with pytest.raises(UserError, match="needs mix"):
-        LSTMOperatorNet(LSTMOperatorConfig(split_kd=True))
-
-
 def test_the_dot_term_steps_in_dots_direction_in_every_tensor():
     """All weight on the DOT term, coordinate corrections off: each tensor's update is, up to a positive factor,
     that of DOT (Zhao et al. 2023) written out here: separate momentum buffers of the CE share (0.825) and the
@@ -349,6 +339,9 @@ def test_the_dot_term_steps_in_dots_direction_in_every_tensor():
             torch.testing.assert_close(b / b.pow(2).mean().sqrt(), a / a.pow(2).mean().sqrt(), rtol=1e-6, atol=1e-9)
     with pytest.raises(UserError, match="KD share"):
         op.step(params, grads, op.init(params), StepContext(0, 50))
+    assert op.needs_kd_part and not LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(mix=True))).needs_kd_part
+    with pytest.raises(UserError, match="needs mix"):
+        LSTMOperatorNet(LSTMOperatorConfig(split_kd=True))
 
 
 def test_the_schedule_only_ablation_resets_the_mix_to_the_designed_prior():
