@@ -191,8 +191,7 @@ class LSTMOperator(Operator):
     def step(self, params: Params, grads: Params, state: State, ctx: StepContext):
         names = list(params)
         sizes = [params[k].numel() for k in names]
-        g = torch.cat([grads[k].reshape(-1) for k in names])
-        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        g = _flat_finite(grads, names)
         decay = torch.tensor(self.cfg.timescales, device=g.device, dtype=g.dtype)[:, None]
         momenta = decay * state["momenta"] + (1 - decay) * g
         ms_momenta = floored(_tensor_means(momenta**2, sizes), momenta, self.cfg.rms_floor)  # K x tensors
@@ -209,18 +208,18 @@ class LSTMOperator(Operator):
         if self.cfg.mix:
             second = ADAM_DECAY * state["second"] + (1 - ADAM_DECAY) * g**2
             adam = momenta[mid:mid + 1] / (torch.sqrt(second) + 1e-12)
-            adam = _unit_rms(adam, floored(_tensor_means(adam**2, sizes), adam, self.cfg.rms_floor), sizes)
+            adam = _floored_unit_rms(adam, sizes, self.cfg.rms_floor)
             terms = torch.cat([m_hat, adam, torch.sign(momenta[mid:mid + 1])])
             prior = self.net.mix[:len(terms)] @ terms
             mixed = {"second": second}
             if self.cfg.split_kd:  # added after the others: at weight 0 the steps are bitwise those without it
                 if ctx.kd_part is None:
                     raise UserError("this operator (split_kd) needs the KD share of the gradient: run it through the training step")
-                kd = torch.nan_to_num(torch.cat([ctx.kd_part[k].reshape(-1) for k in names]), nan=0.0, posinf=0.0, neginf=0.0)
+                kd = _flat_finite(ctx.kd_part, names)
                 mu = torch.tensor(DOT_MOMENTA, device=g.device, dtype=g.dtype)[:, None]
                 dot = mu * state["dot"] + torch.stack([g - kd, kd])  # CE share, KD share
                 both = dot.sum(0, keepdim=True)
-                prior = prior + self.net.mix[-1] * _unit_rms(both, floored(_tensor_means(both**2, sizes), both, self.cfg.rms_floor), sizes)[0]
+                prior = prior + self.net.mix[-1] * _floored_unit_rms(both, sizes, self.cfg.rms_floor)[0]
                 mixed["dot"] = dot
         else:
             prior = m_hat[mid]
@@ -346,6 +345,16 @@ def floored(ms: torch.Tensor, x: torch.Tensor, rms_floor: float) -> torch.Tensor
 def _unit_rms(x: torch.Tensor, ms: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """The rows of ``x`` (K x N) divided, tensor by tensor, by the root of their mean squares ``ms`` (K x tensors)."""
     return x / _broadcast(torch.sqrt(ms + 1e-16), sizes)
+
+
+def _floored_unit_rms(x: torch.Tensor, sizes: list[int], rms_floor: float) -> torch.Tensor:
+    """The rows of ``x`` (K x N) at unit RMS per tensor, each tensor's RMS floored as :func:`floored` says."""
+    return _unit_rms(x, floored(_tensor_means(x**2, sizes), x, rms_floor), sizes)
+
+
+def _flat_finite(tensors: Params, names: list[str]) -> torch.Tensor:
+    """The tensors of ``names`` flattened into one vector, non-finite entries read as 0."""
+    return torch.nan_to_num(torch.cat([tensors[k].reshape(-1) for k in names]), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _broadcast(v: torch.Tensor, sizes: list[int]) -> torch.Tensor:
