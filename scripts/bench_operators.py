@@ -8,6 +8,11 @@ the ratio within the round (a machine whose speed drifts, as a shared one does, 
 the size of the operator's state; and peak memory of a fresh process that runs only that student and
 operator for 10 steps: on CUDA its peak allocated memory, on CPU its peak resident set.
 
+With a greedy operator among them, one more row, ``greedy floor``: the passes a greedy step cannot do
+without, timed alone in the same rounds (the training step, the validation forward + backward at the new
+weights, one more forward of the training batch: J a by forward difference), so "greedy / SGD" minus
+"greedy floor / SGD" is what the hypergradient costs beyond them.
+
     python scripts/bench_operators.py [--operators sgd,adam,sgd+greedy,ckpt:checkpoints/operator.pt] \
         [--students tiny,small,resnet8] [--threads 2] [--device cpu] [--append docs/RESULTS.md]
 """
@@ -25,11 +30,14 @@ import torch
 
 from l2o_kd.compare import OperatorSpec
 from l2o_kd.config import HYPER_JVPS, TrainConfig
+from l2o_kd.distill import batch_ce
 from l2o_kd.hypergrad import Batches
-from l2o_kd.models import build_model, split_state
+from l2o_kd.models import apply, build_model, frozen, split_state
 from l2o_kd.operators import StepContext
 from l2o_kd.step import gradient
 from l2o_kd.train import build_operator
+
+FLOOR = "greedy floor"  # the row of greedy's passes alone (module docstring)
 
 
 def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, device: str, memory: bool = True,
@@ -44,13 +52,16 @@ def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, dev
     y, yv = (torch.randint(10, (batch,), generator=g).to(device) for _ in range(2))
     teacher = torch.randn(batch, 10, generator=g).to(device)
     cells = []
+    if any(spec.tune_kd == "greedy" for spec in specs):
+        specs = [*specs, OperatorSpec(label=FLOOR, base="sgd")]
     for spec in specs:
         op = build_operator(TrainConfig(operator=spec.base, lr=1e-3, tune_kd=spec.tune_kd, hyper_jvp=hyper_jvp), 350, 10_000, device)
         params, buffers = split_state(model)
         cells.append({"spec": spec, "op": op, "params": params, "buffers": buffers, "state": op.init(params), "full": [], "alone": []})
     for i in range(repeats + 5):
         for cell in cells:
-            full, alone = _timed_step(cell, model, x, y, teacher, xv, yv, i, device)
+            timed = _floor_step if cell["spec"].label == FLOOR else _timed_step
+            full, alone = timed(cell, model, x, y, teacher, xv, yv, i, device)
             if i >= 5:  # warm-up rounds are not counted
                 cell["full"].append(full)
                 cell["alone"].append(alone)
@@ -63,7 +74,7 @@ def bench(student: str, specs: list[OperatorSpec], batch: int, repeats: int, dev
             "ratio": statistics.median(a / b for a, b in zip(cell["full"], ref)),
             "ratio_sgd": statistics.median(a / b for a, b in zip(cell["full"], sgd)) if sgd else float("nan"),
             "state_mib": _bytes(cell["state"]) / 2**20,
-            "peak_mib": _peak_mib(device, student, cell["spec"], batch, hyper_jvp) if memory else float("nan"),
+            "peak_mib": _peak_mib(device, student, cell["spec"], batch, hyper_jvp) if memory and cell["spec"].label != FLOOR else float("nan"),
         }
         for cell in cells
     }
@@ -88,6 +99,21 @@ def _timed_step(cell: dict, model, x, y, teacher, xv, yv, i: int, device: str) -
     _sync(device)
     t2 = time.perf_counter()
     return t2 - t0, t2 - t1
+
+
+def _floor_step(cell: dict, model, x, y, teacher, xv, yv, i: int, device: str) -> tuple[float, float]:
+    """The passes of a greedy step alone: an SGD training step, the validation forward + backward at its new
+    weights, a train-mode forward of the training batch (no hypergradient): (seconds, seconds after the first)."""
+    full, _ = _timed_step(cell, model, x, y, teacher, xv, yv, i, device)
+    t1 = time.perf_counter()
+    w = {k: v.detach().requires_grad_(True) for k, v in cell["params"].items()}
+    with torch.enable_grad():
+        torch.autograd.grad(batch_ce(model, w, cell["buffers"], xv, yv), list(w.values()))
+    with torch.no_grad():
+        apply(model, cell["params"], frozen(cell["buffers"]), x, train=True)
+    _sync(device)
+    extra = time.perf_counter() - t1
+    return full + extra, extra
 
 
 def _peak_mib(device: str, student: str, spec: OperatorSpec, batch: int, hyper_jvp: str) -> float:

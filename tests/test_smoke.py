@@ -1,7 +1,8 @@
 """Smoke tests of what the other tests do not run: train-teacher, --augment, --channels-last, the
-shipped checkpoints, and meta-train's --out."""
+shipped checkpoints, meta-train's --out and the step-cost benchmark."""
 
 import glob
+import importlib.util
 import math
 
 import torch
@@ -9,6 +10,7 @@ from conftest import FAST, REPO
 
 import l2o_kd.teacher as teacher_mod
 from l2o_kd.cli import main
+from l2o_kd.compare import OperatorSpec
 from l2o_kd.config import TrainConfig
 from l2o_kd.data import load_splits
 from l2o_kd.models import build_model, split_state
@@ -88,3 +90,15 @@ def test_meta_train_writes_its_best_operator_to_out(tmp_path, teacher_ckpt):
           "--runs-dir", str(tmp_path), "--out", str(out), "--no-progress"])
     op = load_operator(out)
     assert op.net is not None and read_metrics(tmp_path / "meta")[-1]["step"] == 2
+
+
+def test_bench_operators_times_every_cell_and_greedys_floor():
+    spec = importlib.util.spec_from_file_location("bench_operators", REPO / "scripts" / "bench_operators.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    specs = [OperatorSpec.parse(s) for s in ("adam", "sgd", "sgd+greedy", f"ckpt:{SHIPPED_OPERATOR}")]
+    rows = bench.bench("tiny", specs, batch=16, repeats=2, device="cpu", memory=False, hyper_jvp="difference")
+    assert list(rows) == ["adam", "sgd", "sgd+greedy", "operator", "greedy floor"]
+    assert rows["sgd"]["ratio_sgd"] == 1.0
+    for label, r in rows.items():  # each round's full step contains its operator part
+        assert 0 < r["op_ms"] < r["step_ms"] and r["state_mib"] > 0, label
