@@ -56,6 +56,9 @@ LEARNED = "learned_operators.json"  # {label: content digest} of the learned ope
 TUNE_SEED = seed_ranges.tuning_seed(0)  # the student of every lr-tuning run
 # CompareConfig fields that decide a cell's result (with the resolved steps and the teacher's digest)
 DECISIVE = ("student", "dataset", "beta", "temperature", "kd_form", "hyper_clip_mode", "hyper_lookahead", "batch_size", "momentum", "schedule", "lrs", "tune_lr", "tune_steps", "evals")
+# ... and those added later, with the value that folders made before them implicitly had (hyper_jvp: the
+# default until session 18, not today's)
+LATER = {"hyper_jvp": "exact", "kd_grid": [], "tune_step": 0}
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     splits = load_splits(cfg.dataset, cfg.data_root, cfg.download)
     _, steps = run_length(cfg.steps, cfg.epochs, len(splits.train_y), cfg.batch_size)
     has_results = (out / RESULTS).exists() or (out / TUNING).exists()
-    check_fingerprint(out, decisive_config(cfg, specs, steps), "compare folder", has_results)
+    check_fingerprint(out, decisive_config(cfg, specs, steps), "compare folder", has_results, implied=LATER)
     check_learned_operators(out, specs)
     specs = [materialize_variant(s, out / "operators") for s in specs]
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -167,8 +170,8 @@ def decisive_config(cfg: CompareConfig, specs: list[OperatorSpec], steps: int) -
     the target, device, progress, output and trajectory points."""
     wants_kd = cfg.beta > 0 or any(beta > 0 for beta, _ in cfg.kd_grid) or any(s.tune_kd or s.learned for s in specs)
     teacher = file_digest(teacher_path(cfg.teacher)) if wants_kd else None
-    decisive = {k: getattr(cfg, k) for k in (*DECISIVE, "hyper_jvp", "kd_grid", "tune_step")}
-    return {**without_later_defaults(decisive, {"hyper_jvp": "exact", "kd_grid": [], "tune_step": 0}), "steps": steps, "teacher": teacher}
+    decisive = {k: getattr(cfg, k) for k in (*DECISIVE, *LATER)}
+    return {**without_later_defaults(decisive, LATER), "steps": steps, "teacher": teacher}
 
 
 def check_learned_operators(out: Path, specs: list[OperatorSpec]) -> None:

@@ -66,7 +66,7 @@ class TrainConfig:
     hyper_clip: float = 0.01
     hyper_clip_mode: str = "norm"  # norm: scale the hypergradient to norm <= clip | value: clamp each component to [-clip, clip]
     hyper_lookahead: str = "current"  # greedy look-ahead step at the current lr | base: at the base lr, hypergradient x (current / base lr)
-    hyper_jvp: str = "exact"  # greedy J a: exact forward-mode | difference: one forward at w + eps a (the training forward gives f(w))
+    hyper_jvp: str = "difference"  # greedy J a: one forward at w + eps a (the training forward gives f(w)) | exact: forward mode
     hyper_every: int = 1
     hyper_unroll: int = 3
     extrapolate_after: float = 0.5  # extrapolate: fraction of the run spent in the greedy phase
@@ -98,6 +98,10 @@ class TrainConfig:
         "runs_dir", "run_name", "progress", "tensorboard", "device", "eval_every", "log_every", "hist_every", "trajectory_every",
         "eval_at_start", "data_root", "download"})
 
+    # Fields added after runs were first saved, with the value the older runs implicitly had (for
+    # hyper_jvp not today's default: "exact" was the default until session 18).
+    LATER: ClassVar[dict[str, Any]] = {"bn_updates": 0, "hyper_jvp": "exact", "init": None}
+
     HYPER: ClassVar[frozenset[str]] = frozenset({
         "hyper_lr", "hyper_clip", "hyper_clip_mode", "hyper_lookahead", "hyper_jvp", "hyper_every", "hyper_unroll", "extrapolate_after",
         "periodic_greedy", "periodic_follow"})
@@ -112,12 +116,13 @@ class TrainConfig:
         if self.schedule != "step":
             unused |= {"lr_step_epochs", "lr_gamma"}
         decisive = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
-        return without_later_defaults(decisive, {"bn_updates": 0, "hyper_jvp": "exact", "init": None})
+        return without_later_defaults(decisive, self.LATER)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A saved config; the :data:`LATER` fields it lacks take the value they had when it was saved."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**cls.LATER, **{k: v for k, v in d.items() if k in names}})
 
     def validate(self, check_operator: bool = True) -> None:
         from .device import check_device

@@ -40,22 +40,30 @@ def record_fingerprint(folder: str | Path, decisive: dict[str, Any]) -> None:
     save_atomic_text(json.dumps(_canonical(decisive), indent=2, sort_keys=True) + "\n", Path(folder) / FILE)
 
 
-def check_fingerprint(folder: str | Path, decisive: dict[str, Any], what: str, has_results: bool = False) -> None:
+def differences(now: dict[str, Any], then: dict[str, Any], implied: dict[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
+    """``(key, now, then)`` for every key whose value differs between two fingerprints. A key that one
+    of them lacks takes its value in ``implied`` (a field added after fingerprints were first saved,
+    with the value it implicitly had: see :func:`l2o_kd.config.without_later_defaults`), else None."""
+    implied = _canonical(implied or {})
+    now, then = {**implied, **_canonical(now)}, {**implied, **_canonical(then)}
+    return [(k, now.get(k), then.get(k)) for k in sorted(now.keys() | then.keys()) if now.get(k) != then.get(k)]
+
+
+def check_fingerprint(folder: str | Path, decisive: dict[str, Any], what: str, has_results: bool = False,
+                      implied: dict[str, Any] | None = None) -> None:
     """Record ``decisive`` in ``folder/fingerprint.json``, or check it against the recorded one.
 
-    Raises UserError naming the first keys that differ; ``what`` names the folder's kind in the
-    message (e.g. "compare folder"). A folder that ``has_results`` but no fingerprint was made before
-    fingerprints existed: what made it is unknown, so it is refused too."""
+    Raises UserError naming the first keys that differ (:func:`differences`, with ``implied``); ``what``
+    names the folder's kind in the message (e.g. "compare folder"). A folder that ``has_results`` but no
+    fingerprint was made before fingerprints existed: what made it is unknown, so it is refused too."""
     path = Path(folder) / FILE
-    now = _canonical(decisive)
     if not path.exists():
         if has_results:
             raise UserError(f"{folder} holds a {what} made before configurations were fingerprinted: use another output folder")
         record_fingerprint(folder, decisive)
         return
-    then = json.loads(path.read_text())
-    diff = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+    diff = differences(decisive, json.loads(path.read_text()), implied)
     if diff:
-        shown = ", ".join(f"{k} is {now.get(k)!r} but was {then.get(k)!r}" for k in diff[:3])
+        shown = ", ".join(f"{k} is {now!r} but was {then!r}" for k, now, then in diff[:3])
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise UserError(f"{folder} holds a {what} made with another configuration: {shown}{more}; use another output folder")

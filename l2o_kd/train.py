@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from .data import BatchLoader, Splits, load_splits
 from .device import peak_memory_mb
 from .distributed import Dist, cross_rank_batchnorm
 from .errors import Diverged, UserError
-from .fingerprint import file_digest
+from .fingerprint import differences, file_digest
 from .hypergrad import Batches
 from .models import apply, build_model, split_state
 from .operators import Operator, Schedule, StepContext, classic_operator, global_norm
@@ -119,17 +119,19 @@ def initial_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
 
 def _check_resume(ck: dict, fingerprint: dict[str, Any], run_dir: Path) -> None:
     """Refuse to continue a run whose result-deciding configuration differs from this one. A checkpoint
-    saved before fingerprints existed gets one rebuilt from its config (fields it lacks take their
-    defaults; its teacher and operator files by their content now, when they still exist)."""
+    saved before fingerprints existed gets one rebuilt from its config (fields it lacks take the value
+    they had then, :data:`TrainConfig.LATER`, or their defaults; its teacher and operator files by their content now, when they still exist)."""
     saved = ck["config"].get("fingerprint")
     if saved is None:
         old, teacher = TrainConfig.from_dict(ck["config"]), ck["config"].get("teacher_path")
         saved = run_fingerprint(old, teacher if teacher and Path(teacher).is_file() else None)
         if old.learned and not Path(old.operator).is_file():
             saved["operator"] = fingerprint["operator"]  # gone: nothing to compare it with
-    for key in sorted(fingerprint):
-        if fingerprint[key] != saved.get(key):
-            raise UserError(f"--resume: {key} is {fingerprint[key]!r} but the run in {run_dir} used {saved.get(key)!r}")
+    known = {f.name for f in fields(TrainConfig)} | fingerprint.keys()  # not a field this version no longer has
+    diff = differences(fingerprint, {k: v for k, v in saved.items() if k in known}, TrainConfig.LATER)
+    if diff:
+        key, now, then = diff[0]
+        raise UserError(f"--resume: {key} is {now!r} but the run in {run_dir} used {then!r}")
 
 
 # ----------------------------------------------------------------------------------------------

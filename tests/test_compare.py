@@ -211,6 +211,14 @@ def test_a_rerun_that_changes_the_decisive_configuration_is_refused(tmp_path, te
     assert results.read_bytes().startswith(before)
     assert {(r["operator"], r["seed"]) for r in read_results(tmp_path / "cmp")} == {(op, s) for op in ("sgd", "adam") for s in (0, 1)}
 
+    # a field added later counts at the value the folder implicitly had: greedy's J a was exact until session 18
+    fp = tmp_path / "cmp" / "fingerprint.json"
+    assert json.loads(fp.read_text())["hyper_jvp"] == "difference"
+    fp.write_text(json.dumps({k: v for k, v in json.loads(fp.read_text()).items() if k != "hyper_jvp"}))
+    with pytest.raises(UserError, match="another configuration: hyper_jvp is 'difference' but was 'exact'"):
+        compare(_cfg(tmp_path, teacher_ckpt, **more))
+    compare(_cfg(tmp_path, teacher_ckpt, **more, hyper_jvp="exact"))
+
     # a folder with results but no fingerprint was made before fingerprints: what made it is unknown
     (tmp_path / "cmp" / "fingerprint.json").unlink()
     with pytest.raises(UserError, match="made before configurations were fingerprinted"):

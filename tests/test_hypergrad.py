@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import FAST, interrupted_then_resumed
 from torch import nn
 
-from l2o_kd.checkpoint import load_checkpoint
+from l2o_kd.checkpoint import digest, load_checkpoint, save_atomic
 from l2o_kd.cli import main
 from l2o_kd.compare import OperatorSpec, _run_config
 from l2o_kd.config import CompareConfig, TrainConfig
@@ -99,7 +99,7 @@ def test_hypergradient_matches_finite_differences(inner, method, k, kd_form):
     (the training steps and the hypergradient in the same one), from a warm operator state."""
     model, params, data, val = _setup()
     data, hs, state = data[:k], _hs(k), _warm_state(inner, model, params)
-    dh = _hypergradient(HyperKD(inner, method, unroll=k, kd_form=kd_form), model, params, data, val, hs, state)
+    dh = _hypergradient(HyperKD(inner, method, unroll=k, kd_form=kd_form, jvp="exact"), model, params, data, val, hs, state)
     eps = 1e-6
     for j in range(2):
         e = torch.zeros(2, dtype=torch.float64)
@@ -125,7 +125,7 @@ def test_greedy_by_a_forward_difference_matches_the_exact_hypergradient(inner, d
     x, y, t = data[0]
     g = _detached(kd_gradient(model, params, {}, x, y, t, h[0], h[1])[0])
     b = Batches(model, {}, x, y, t, lambda: val)
-    exact, _ = HyperKD(inner, "greedy").greedy_hypergradient(h, params, g, state, b, StepContext(0, 10))
+    exact, _ = HyperKD(inner, "greedy", jvp="exact").greedy_hypergradient(h, params, g, state, b, StepContext(0, 10))
     diff = HyperKD(inner, "greedy", jvp="difference")
     recomputed, _ = diff.greedy_hypergradient(h, params, g, state, b, StepContext(0, 10))
     logits = torch.func.functional_call(model, params, (x,)).detach()
@@ -174,13 +174,14 @@ def test_hyper_step_lowers_the_validation_loss_to_first_order(inner, method, k):
     assert abs(1 - r[1]) <= 0.6 * abs(1 - r[0]) + rounding, (r, rounding)
 
 
-def test_greedy_adam_hypergradient_is_finite_with_an_exactly_zero_gradient():
+@pytest.mark.parametrize("jvp", ["difference", "exact"])
+def test_greedy_adam_hypergradient_is_finite_with_an_exactly_zero_gradient(jvp):
     """A dead ReLU unit (zero incoming weights, bias -1) has exactly zero gradients, so Adam's v is 0
     there; differentiating v.sqrt() at 0 gave inf * 0 = NaN and HyperKD silently skipped the step."""
     model, params, data, val = _setup(nn.ReLU)
     params["1.weight"][0], params["1.bias"][0] = 0.0, -1.0
     x, y, t = data[0]
-    op = HyperKD(Adam(lr=0.05), "greedy", beta=0.4, temperature=2.5, clip=0.0)
+    op = HyperKD(Adam(lr=0.05), "greedy", beta=0.4, temperature=2.5, clip=0.0, jvp=jvp)
     state = op.init(params)
     kd = op.kd(state)
     grads = _detached(kd_gradient(model, params, {}, x, y, t, kd.beta, kd.temperature)[0])
@@ -320,7 +321,7 @@ def test_lookahead_current_and_base_are_the_gradients_they_claim(make):
 
     h, eps, got = torch.tensor([0.4, 2.5], dtype=torch.float64), 1e-6, {}
     for lookahead, differentiated, scale in (("current", make(sched), 1.0), ("base", make(Schedule()), 0.25)):
-        op = HyperKD(make(sched), "greedy", lookahead=lookahead, kd_form="paper")
+        op = HyperKD(make(sched), "greedy", lookahead=lookahead, kd_form="paper", jvp="exact")
         got[lookahead] = dh = op.greedy_hypergradient(h, params, grads(h), state, ctx.batches, ctx)[0]
         for j in range(2):
             e = torch.zeros(2, dtype=torch.float64)
@@ -440,6 +441,32 @@ def test_kd_form_and_paper_protocol_travel_through_cli_config_checkpoint_and_res
     assert saved["kd_form"] == "hinton" and saved["fingerprint"]["kd_form"] == "hinton"
     with pytest.raises(UserError, match="--resume: kd_form is 'paper' but the run in .* used 'hinton'"):
         train(dataclasses.replace(hinton, kd_form="paper"), resume=True)
+
+
+@pytest.mark.parametrize("fingerprinted", [True, False], ids=["fingerprint", "before-fingerprints"])
+def test_a_greedy_run_saved_when_exact_was_the_default_resumes_only_as_exact(tmp_path, teacher_ckpt, fingerprinted):
+    """Until session 18 greedy formed J a exactly and saved configs had no hyper_jvp (nor, at the
+    default, their fingerprints). Such a run, with a fingerprint or from before fingerprints (rebuilt
+    from its config), is refused under today's default naming the value it had, and resumes with
+    exact; a run of today's default is refused with exact (a key only the saved run records counts)."""
+    cfg = TrainConfig(model="tiny", teacher=str(teacher_ckpt), tune_kd="greedy", steps=2, lr=0.05, runs_dir=str(tmp_path), run_name="old",
+                      tensorboard=False, **FAST)
+    exact = dataclasses.replace(cfg, hyper_jvp="exact")
+    assert cfg.hyper_jvp == "difference" and TrainConfig.from_dict({"model": "tiny"}).hyper_jvp == "exact"
+    train(exact)
+    path = tmp_path / "old" / "checkpoint.pt"
+    ck = load_checkpoint(path)
+    assert "hyper_jvp" not in ck["config"]["fingerprint"]
+    del ck["config"]["hyper_jvp"]
+    if not fingerprinted:
+        del ck["config"]["fingerprint"]
+    save_atomic({**ck, "digest": digest(ck)}, path)
+    with pytest.raises(UserError, match="--resume: hyper_jvp is 'difference' but the run in .* used 'exact'"):
+        train(cfg, resume=True)
+    assert train(exact, resume=True)["step"] == 2
+    train(dataclasses.replace(cfg, run_name="new"))
+    with pytest.raises(UserError, match="--resume: hyper_jvp is 'exact' but the run in .* used 'difference'"):
+        train(dataclasses.replace(exact, run_name="new"), resume=True)
 
 
 def test_compare_cells_get_the_kd_form_and_the_periodic_method(tmp_path):
