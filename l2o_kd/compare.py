@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from . import seeds as seed_ranges
 from .checkpoint import save_atomic_text
-from .config import TUNE_KD_METHODS, CompareConfig, TrainConfig, without_later_defaults
+from .config import GREEDY_METHODS, TUNE_KD_METHODS, CompareConfig, TrainConfig, without_later_defaults
 from .errors import Diverged, UserError
 from .fingerprint import check_fingerprint, file_digest
 from .operators import CLASSIC
@@ -122,7 +122,9 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     splits = load_splits(cfg.dataset, cfg.data_root, cfg.download)
     _, steps = run_length(cfg.steps, cfg.epochs, len(splits.train_y), cfg.batch_size)
     has_results = (out / RESULTS).exists() or (out / TUNING).exists()
-    check_fingerprint(out, decisive_config(cfg, specs, steps), "compare folder", has_results, implied=LATER)
+    greedy_ran = any(_takes_greedy_steps(r["operator"]) for r in read_results(out))
+    check_fingerprint(out, decisive_config(cfg, specs, steps), "compare folder", has_results, implied=LATER,
+                      free=() if greedy_ran else ("hyper_jvp",))
     check_learned_operators(out, specs)
     specs = [materialize_variant(s, out / "operators") for s in specs]
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -172,6 +174,12 @@ def decisive_config(cfg: CompareConfig, specs: list[OperatorSpec], steps: int) -
     teacher = file_digest(teacher_path(cfg.teacher)) if wants_kd else None
     decisive = {k: getattr(cfg, k) for k in (*DECISIVE, *LATER)}
     return {**without_later_defaults(decisive, LATER), "steps": steps, "teacher": teacher}
+
+
+def _takes_greedy_steps(label: str) -> bool:
+    """Whether the cells of this operator label read ``hyper_jvp`` (``sgd+greedy``, ``adam+extrapolate`` ...)."""
+    base, _, method = label.partition("+")
+    return base in CLASSIC and method in GREEDY_METHODS
 
 
 def check_learned_operators(out: Path, specs: list[OperatorSpec]) -> None:

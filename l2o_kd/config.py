@@ -19,6 +19,7 @@ CLIP_MODES = ("norm", "value")  # how the hypergradient is clipped (hypergrad.py
 LOOKAHEADS = ("current", "base")  # the lr of the greedy hypergradient's look-ahead step (hypergrad.py)
 HYPER_JVPS = ("exact", "difference")  # how the greedy hypergradient forms J a (hypergrad.py)
 TUNE_KD_METHODS = ("greedy", "unrolled", "extrapolate", "extrapolate-periodic")  # --tune-kd (hypergrad.py)
+GREEDY_METHODS = ("greedy", "extrapolate", "extrapolate-periodic")  # those that take greedy hyper-steps (and read hyper_jvp)
 META_METHODS = ("tbptt", "es", "pes")  # meta-train --method (meta.py)
 ES_OBJECTIVES = ("ce", "error")  # meta-train --es-objective
 
@@ -108,11 +109,13 @@ class TrainConfig:
 
     def decisive(self) -> dict[str, Any]:
         """The fields that decide the run's result (files such as the teacher enter by digest, elsewhere),
-        without those the run does not use: the hypergradient settings without --tune-kd, the step
-        schedule's period and factor under another schedule."""
+        without those the run does not use: the hypergradient settings without --tune-kd (and J a's
+        form without greedy hyper-steps), the step schedule's period and factor under another schedule."""
         unused = set(self.NOT_DECISIVE)
         if not self.tune_kd:
             unused |= self.HYPER
+        if self.tune_kd not in GREEDY_METHODS:
+            unused.add("hyper_jvp")
         if self.schedule != "step":
             unused |= {"lr_step_epochs", "lr_gamma"}
         decisive = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}

@@ -50,11 +50,13 @@ def differences(now: dict[str, Any], then: dict[str, Any], implied: dict[str, An
 
 
 def check_fingerprint(folder: str | Path, decisive: dict[str, Any], what: str, has_results: bool = False,
-                      implied: dict[str, Any] | None = None) -> None:
+                      implied: dict[str, Any] | None = None, free: tuple[str, ...] = ()) -> None:
     """Record ``decisive`` in ``folder/fingerprint.json``, or check it against the recorded one.
 
     Raises UserError naming the first keys that differ (:func:`differences`, with ``implied``); ``what``
-    names the folder's kind in the message (e.g. "compare folder"). A folder that ``has_results`` but no
+    names the folder's kind in the message (e.g. "compare folder"). Keys in ``free`` decide none of the
+    folder's results yet (a setting that only some operators read, none of which has a result there):
+    they are not compared, and the record takes their new value. A folder that ``has_results`` but no
     fingerprint was made before fingerprints existed: what made it is unknown, so it is refused too."""
     path = Path(folder) / FILE
     if not path.exists():
@@ -62,7 +64,10 @@ def check_fingerprint(folder: str | Path, decisive: dict[str, Any], what: str, h
             raise UserError(f"{folder} holds a {what} made before configurations were fingerprinted: use another output folder")
         record_fingerprint(folder, decisive)
         return
-    diff = differences(decisive, json.loads(path.read_text()), implied)
+    everything = differences(decisive, json.loads(path.read_text()), implied)
+    diff = [d for d in everything if d[0] not in free]
+    if everything and not diff:
+        record_fingerprint(folder, decisive)
     if diff:
         shown = ", ".join(f"{k} is {now!r} but was {then!r}" for k, now, then in diff[:3])
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""

@@ -89,9 +89,13 @@ def search(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
 
 def decisive_config(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
     """What decides a search's results: the method and the decisive fields of ``base`` but the
-    (beta, T) that every trial replaces, with the teacher by content. ``trials`` and
+    (beta, T) that every trial replaces, with the teacher and ``--init`` by content. ``trials`` and
     ``retrain_seeds`` are left out (a rerun may add some)."""
     decisive = {k: v for k, v in base.decisive().items() if k not in ("beta", "temperature")}
+    if base.init:
+        if not Path(base.init).is_file():
+            raise UserError(f"--init: checkpoint not found: {base.init}")
+        decisive["init"] = file_digest(base.init)
     return {**decisive, "teacher": file_digest(teacher_path(base.teacher)), "method": cfg.method}
 
 

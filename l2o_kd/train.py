@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +127,13 @@ def _check_resume(ck: dict, fingerprint: dict[str, Any], run_dir: Path) -> None:
         saved = run_fingerprint(old, teacher if teacher and Path(teacher).is_file() else None)
         if old.learned and not Path(old.operator).is_file():
             saved["operator"] = fingerprint["operator"]  # gone: nothing to compare it with
-    known = {f.name for f in fields(TrainConfig)} | fingerprint.keys()  # not a field this version no longer has
+    # A key that only the saved run has counts if it is one of the LATER fields (a run with --bn-updates 3
+    # resumed without it); any other such key is dropped by today's decisive() as unused (then a key
+    # both have differs, e.g. tune_kd) or was recorded by an older version that kept unused fields.
+    known = fingerprint.keys() | TrainConfig.LATER.keys()
     diff = differences(fingerprint, {k: v for k, v in saved.items() if k in known}, TrainConfig.LATER)
     if diff:
-        key, now, then = diff[0]
+        key, now, then = min(diff, key=lambda d: d[0] not in fingerprint.keys() & saved.keys())  # one both name, if any
         raise UserError(f"--resume: {key} is {now!r} but the run in {run_dir} used {then!r}")
 
 

@@ -211,14 +211,6 @@ def test_a_rerun_that_changes_the_decisive_configuration_is_refused(tmp_path, te
     assert results.read_bytes().startswith(before)
     assert {(r["operator"], r["seed"]) for r in read_results(tmp_path / "cmp")} == {(op, s) for op in ("sgd", "adam") for s in (0, 1)}
 
-    # a field added later counts at the value the folder implicitly had: greedy's J a was exact until session 18
-    fp = tmp_path / "cmp" / "fingerprint.json"
-    assert json.loads(fp.read_text())["hyper_jvp"] == "difference"
-    fp.write_text(json.dumps({k: v for k, v in json.loads(fp.read_text()).items() if k != "hyper_jvp"}))
-    with pytest.raises(UserError, match="another configuration: hyper_jvp is 'difference' but was 'exact'"):
-        compare(_cfg(tmp_path, teacher_ckpt, **more))
-    compare(_cfg(tmp_path, teacher_ckpt, **more, hyper_jvp="exact"))
-
     # a folder with results but no fingerprint was made before fingerprints: what made it is unknown
     (tmp_path / "cmp" / "fingerprint.json").unlink()
     with pytest.raises(UserError, match="made before configurations were fingerprinted"):
@@ -227,6 +219,28 @@ def test_a_rerun_that_changes_the_decisive_configuration_is_refused(tmp_path, te
     with pytest.raises(UserError, match="teacher checkpoint not found"):
         compare(_cfg(tmp_path, teacher_ckpt, **{**kw, "teacher": str(tmp_path / "none.pt")}, out=str(tmp_path / "fresh")))
     assert not (tmp_path / "fresh" / "fingerprint.json").exists()
+
+
+def test_hyper_jvp_binds_a_compare_folder_once_a_greedy_cell_has_run(tmp_path, teacher_ckpt):
+    """Until session 18 greedy's J a was exact and fingerprints omitted hyper_jvp at that value: a
+    folder's missing hyper_jvp reads as exact. It decides only the greedy cells, so a folder without
+    greedy results takes any value (and records it); one with greedy results refuses another."""
+    kw = dict(operators="sgd", seeds=1, steps=4, evals=1)
+    fp = tmp_path / "cmp" / "fingerprint.json"
+
+    def as_before_session_18():
+        fp.write_text(json.dumps({k: v for k, v in json.loads(fp.read_text()).items() if k != "hyper_jvp"}))
+
+    compare(_cfg(tmp_path, teacher_ckpt, **kw))
+    as_before_session_18()
+    compare(_cfg(tmp_path, teacher_ckpt, **{**kw, "operators": "sgd,sgd+greedy"}))  # no greedy cell had run: accepted
+    assert json.loads(fp.read_text())["hyper_jvp"] == "difference"
+    with pytest.raises(UserError, match="another configuration: hyper_jvp is 'exact' but was 'difference'"):
+        compare(_cfg(tmp_path, teacher_ckpt, **kw, hyper_jvp="exact"))
+    as_before_session_18()
+    with pytest.raises(UserError, match="another configuration: hyper_jvp is 'difference' but was 'exact'"):
+        compare(_cfg(tmp_path, teacher_ckpt, **kw))
+    compare(_cfg(tmp_path, teacher_ckpt, **kw, hyper_jvp="exact"))
 
 
 def _save_operator(path: Path, seed: int) -> None:

@@ -1,4 +1,5 @@
 import json
+import shutil
 import statistics
 
 import pytest
@@ -66,6 +67,20 @@ def test_a_search_rerun_that_changes_the_decisive_configuration_is_refused(tmp_p
     # more trials and retrain seeds, and flags that do not change a result, are welcome
     summary = search(SearchConfig(method="random", trials=2, retrain_seeds="0,1", out=out), _base(teacher_ckpt, steps=5, beta=0.9, log_every=1))
     assert summary["retrain_seeds"] == [0, 1] and (tmp_path / "s" / "trials.jsonl").read_bytes().startswith(trials)
+
+
+def test_a_search_fingerprints_its_initial_weights_by_content(tmp_path, teacher_ckpt):
+    init, moved = tmp_path / "init.pt", tmp_path / "moved.pt"
+    shutil.copy(teacher_ckpt, init)
+    shutil.copy(teacher_ckpt, moved)
+    cfg = SearchConfig(method="random", trials=1, retrain_seeds="0", out=str(tmp_path / "s"))
+    first = search_mod.decisive_config(cfg, _base(teacher_ckpt, init=str(init)))
+    assert search_mod.decisive_config(cfg, _base(teacher_ckpt, init=str(moved))) == first  # the same bytes elsewhere
+    with open(init, "ab") as f:  # other bytes at the same path
+        f.write(b"\0")
+    assert search_mod.decisive_config(cfg, _base(teacher_ckpt, init=str(init)))["init"] != first["init"]
+    with pytest.raises(UserError, match="--init: checkpoint not found"):
+        search_mod.decisive_config(cfg, _base(teacher_ckpt, init=str(tmp_path / "none.pt")))
 
 
 def test_bad_search_flags():
