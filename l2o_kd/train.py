@@ -120,7 +120,8 @@ def initial_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
 def _check_resume(ck: dict, fingerprint: dict[str, Any], run_dir: Path) -> None:
     """Refuse to continue a run whose result-deciding configuration differs from this one. A checkpoint
     saved before fingerprints existed gets one rebuilt from its config (fields it lacks take the value
-    they had then, :data:`TrainConfig.LATER`, or their defaults; its teacher and operator files by their content now, when they still exist)."""
+    they had then, :data:`TrainConfig.LATER`, or their defaults; its teacher and operator files by
+    their content now, when they still exist)."""
     saved = ck["config"].get("fingerprint")
     if saved is None:
         old, teacher = TrainConfig.from_dict(ck["config"]), ck["config"].get("teacher_path")
