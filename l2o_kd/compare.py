@@ -153,7 +153,8 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         _log_hparams(Path(run_cfg.runs_dir) / run_cfg.name, spec, seed, lr, factors.get(spec.label), cfg, rows[-1])
     grid.close()
 
-    rows, labels = read_results(out), [s.label for s in specs]
+    # what this invocation names: its operators, seeds 0..seeds-1 (the folder may hold more of either)
+    rows, labels = [r for r in read_results(out) if r["seed"] < cfg.seeds], [s.label for s in specs]
     summary = summarize(rows, cfg.target, labels=labels)
     summary["lrs"], summary["kds"], summary["step_factors"], summary["steps"] = lrs, kds, factors, steps
     (out / SUMMARY).write_text(render_summary(summary, cfg))

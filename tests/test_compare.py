@@ -210,6 +210,8 @@ def test_a_rerun_that_changes_the_decisive_configuration_is_refused(tmp_path, te
     compare(_cfg(tmp_path, teacher_ckpt, **more))
     assert results.read_bytes().startswith(before)
     assert {(r["operator"], r["seed"]) for r in read_results(tmp_path / "cmp")} == {(op, s) for op in ("sgd", "adam") for s in (0, 1)}
+    fewer = compare(_cfg(tmp_path, teacher_ckpt, **{**more, "operators": "sgd", "seeds": 1}))  # reports what it names
+    assert list(fewer["operators"]) == ["sgd"] and fewer["operators"]["sgd"]["seeds"] == [0]
 
     # a folder with results but no fingerprint was made before fingerprints: what made it is unknown
     (tmp_path / "cmp" / "fingerprint.json").unlink()
