@@ -58,7 +58,7 @@ TUNE_SEED = seed_ranges.tuning_seed(0)  # the student of every lr-tuning run
 DECISIVE = ("student", "dataset", "beta", "temperature", "kd_form", "hyper_clip_mode", "hyper_lookahead", "batch_size", "momentum", "schedule", "lrs", "tune_lr", "tune_steps", "evals")
 # ... and those added later, with the value that folders made before them implicitly had (hyper_jvp: the
 # default until session 18, not today's)
-LATER = {"hyper_jvp": "exact", "kd_grid": [], "tune_step": 0}
+LATER = {"hyper_jvp": TrainConfig.LATER["hyper_jvp"], "kd_grid": [], "tune_step": 0}
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,8 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     splits = load_splits(cfg.dataset, cfg.data_root, cfg.download)
     _, steps = run_length(cfg.steps, cfg.epochs, len(splits.train_y), cfg.batch_size)
     has_results = (out / RESULTS).exists() or (out / TUNING).exists()
-    greedy_ran = any(_takes_greedy_steps(r["operator"]) for r in read_results(out))
+    ran = read_results(out)
+    greedy_ran = any(_takes_greedy_steps(r["operator"]) for r in ran)
     check_fingerprint(out, decisive_config(cfg, specs, steps), "compare folder", has_results, implied=LATER,
                       free=() if greedy_ran else ("hyper_jvp",))
     check_learned_operators(out, specs)
@@ -131,7 +132,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     lrs, kds = tune_baselines(cfg, specs, splits, steps)
     specs, factors = tune_learned_steps(cfg, specs, splits, steps)
 
-    done = {(r["operator"], r["seed"]) for r in read_results(out) if r.get("final")}
+    done = {(r["operator"], r["seed"]) for r in ran if r.get("final")}  # (tuning does not write results)
     cells = [(spec, seed) for seed in range(cfg.seeds) for spec in specs]
     grid = tqdm(cells, desc="compare", disable=not cfg.progress, dynamic_ncols=True)
     for spec, seed in grid:

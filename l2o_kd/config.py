@@ -158,6 +158,8 @@ class TrainConfig:
             raise UserError(f"--tune-kd {self.tune_kd}: the learned operator {self.operator} chooses its own (beta, T)")
         if check_operator and self.operator not in CLASSIC and not self.learned:
             raise UserError(f"unknown operator {self.operator!r}: use {', '.join(CLASSIC)} or a learned-operator checkpoint (.pt)")
+        if self.init and not Path(self.init).is_file():
+            raise UserError(f"--init: checkpoint not found: {self.init}")
         check_device(self.device)
         Schedule(self.schedule, step_size=1)  # validates the name
 

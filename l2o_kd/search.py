@@ -93,9 +93,7 @@ def decisive_config(cfg: SearchConfig, base: TrainConfig) -> dict[str, Any]:
     ``retrain_seeds`` are left out (a rerun may add some)."""
     decisive = {k: v for k, v in base.decisive().items() if k not in ("beta", "temperature")}
     if base.init:
-        if not Path(base.init).is_file():
-            raise UserError(f"--init: checkpoint not found: {base.init}")
-        decisive["init"] = file_digest(base.init)
+        decisive["init"] = file_digest(base.init)  # (base.validate() has checked the file exists)
     return {**decisive, "teacher": file_digest(teacher_path(base.teacher)), "method": cfg.method}
 
 

@@ -108,9 +108,8 @@ def run_fingerprint(cfg: TrainConfig, teacher_file: Path | None) -> dict[str, An
 
 
 def initial_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
-    """Load ``cfg.init``'s weights (a teacher or student checkpoint of the same model) into ``model``."""
-    if not Path(cfg.init).is_file():
-        raise UserError(f"--init: checkpoint not found: {cfg.init}")
+    """Load ``cfg.init``'s weights (a teacher or student checkpoint of the same model) into ``model``
+    (``cfg.validate`` has checked the file exists)."""
     saved, ck = load_model_checkpoint(cfg.init)  # (weights that do not fit their own model: one UserError line)
     if ck["model"] != cfg.model:
         raise UserError(f"--init: {cfg.init} holds a {ck['model']!r}, not a {cfg.model!r}")
@@ -134,7 +133,8 @@ def _check_resume(ck: dict, fingerprint: dict[str, Any], run_dir: Path) -> None:
     known = fingerprint.keys() | TrainConfig.LATER.keys()
     diff = differences(fingerprint, {k: v for k, v in saved.items() if k in known}, TrainConfig.LATER)
     if diff:
-        key, now, then = min(diff, key=lambda d: d[0] not in fingerprint.keys() & saved.keys())  # one both name, if any
+        both = fingerprint.keys() & saved.keys()
+        key, now, then = min(diff, key=lambda d: d[0] not in both)  # one both runs name, if any
         raise UserError(f"--resume: {key} is {now!r} but the run in {run_dir} used {then!r}")
 
 

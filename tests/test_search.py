@@ -80,7 +80,7 @@ def test_a_search_fingerprints_its_initial_weights_by_content(tmp_path, teacher_
         f.write(b"\0")
     assert search_mod.decisive_config(cfg, _base(teacher_ckpt, init=str(init)))["init"] != first["init"]
     with pytest.raises(UserError, match="--init: checkpoint not found"):
-        search_mod.decisive_config(cfg, _base(teacher_ckpt, init=str(tmp_path / "none.pt")))
+        search(cfg, _base(teacher_ckpt, init=str(tmp_path / "none.pt")))
 
 
 def test_bad_search_flags():
