@@ -13,6 +13,7 @@ import time
 import torch
 
 from l2o_kd.distill import batch_ce, kd_logit_gradient
+from l2o_kd.hypergrad import DIFFERENCE_STEP
 from l2o_kd.models import apply, build_model, frozen, split_state
 from l2o_kd.operators.base import StepContext, global_norm
 from l2o_kd.operators.classic import SGD
@@ -47,7 +48,7 @@ def main(student: str, threads: int) -> None:
             t.append(time.perf_counter())
             with torch.no_grad():
                 w = [params[k].detach() for k in names]
-                eps = float(1e-3 * global_norm(w) / (global_norm(a) + 1e-30))
+                eps = float(DIFFERENCE_STEP * global_norm(w) / (global_norm(a) + 1e-30))
                 moved = dict(zip(names, torch._foreach_add(w, a, alpha=eps)))
                 ja = (apply(model, moved, frozen(buffers), x, train=True) - logits) / eps
             t.append(time.perf_counter())
