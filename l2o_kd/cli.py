@@ -10,6 +10,7 @@ import click
 
 from .config import (
     CLIP_MODES,
+    DATASETS,
     ES_OBJECTIVES,
     ES_PARAMS,
     HYPER_JVPS,
@@ -27,6 +28,8 @@ from .config import (
 from .errors import Diverged, UserError
 
 T, M, C, S = TrainConfig, MetaConfig, CompareConfig, SearchConfig  # every default below is the config's own (declared once, in config.py)
+DATASET_HELP = ("cifar10 (official format or the JPEG copy), cifar100 (official python format), imagefolder (--data-root: "
+                "<class>/<image> folders, or train/ and test/ of them; resized to 32x32), synthetic (a small generated task).")
 KD_FORM_HELP = ("KD loss: hinton = (1-beta) CE + beta T^2 KL(teacher || student); paper = no T^2 (Gorpinich et al.); "
                 "reverse = (1-beta) CE + beta KL(student || teacher), no T^2 (the code released with that paper).")
 
@@ -34,7 +37,7 @@ KD_FORM_HELP = ("KD loss: hinton = (1-beta) CE + beta T^2 KL(teacher || student)
 def training_options(f):
     """Flags shared by every command that trains."""
     options = [
-        click.option("--dataset", default=T.dataset, show_default=True, help="cifar10 | synthetic"),
+        click.option("--dataset", type=click.Choice(DATASETS), default=T.dataset, show_default=True, help=DATASET_HELP),
         click.option("--data-root", default=None, help="CIFAR-10 folder or .tar.gz [default: $L2O_KD_DATA or ~/.cache/l2o_kd/data]"),
         click.option("--download", is_flag=True, help="Download the official CIFAR-10 through torchvision (needs network)."),
         click.option("--epochs", type=float, default=None, help="Training length in epochs."),
@@ -192,7 +195,7 @@ def search(method, trials, retrain_seeds, out, **kw):
 
 
 @cli.command("meta-train")
-@click.option("--dataset", default=M.dataset, show_default=True)
+@click.option("--dataset", type=click.Choice(DATASETS), default=M.dataset, show_default=True, help=DATASET_HELP)
 @click.option("--data-root", default=None)
 @click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt].")
 @click.option("--kd-form", type=click.Choice(KD_FORMS), default=M.kd_form, show_default=True, help=KD_FORM_HELP)
@@ -264,7 +267,7 @@ def meta_train_cmd(threads, resume, no_progress, **kw):
 @click.option("--student", default=C.student, show_default=True)
 @click.option("--epochs", type=float, default=C.epochs, show_default=True)
 @click.option("--steps", type=int, default=None, help="Length in steps (wins over --epochs).")
-@click.option("--dataset", default=C.dataset, show_default=True, help="cifar10 | synthetic")
+@click.option("--dataset", type=click.Choice(DATASETS), default=C.dataset, show_default=True, help=DATASET_HELP)
 @click.option("--data-root", default=None)
 @click.option("--download", is_flag=True)
 @click.option("--teacher", default=None, help="Teacher checkpoint [default: checkpoints/teacher-resnet20.pt].")
@@ -348,6 +351,22 @@ def evaluate(checkpoint, split, data_root, device, as_json):
     res = evaluate_checkpoint(checkpoint, split, data_root, device)
     click.echo(json.dumps(res) if as_json else f"{res['model']} on {res['dataset']} {split}: accuracy {res['accuracy']:.4f}, loss {res['loss']:.4f}, "
                f"median top-1 margin {res['median_margin']:.2f} (n={res['n']})")
+
+
+@cli.command()
+@click.argument("checkpoint")
+def inspect(checkpoint):
+    """A learned operator's weights: per group its size, whether it is one of the designed prior's scalars,
+    and its change from the recorded initialization (seed and config in the checkpoint)."""
+    from .operators.learned import load_operator, weight_changes
+
+    op = load_operator(checkpoint)
+    click.echo(f"{checkpoint}: {sum(p.numel() for p in op.net.parameters())} weights, per-coordinate part {op.cfg.per_coordinate!r}, "
+               f"init_seed {op.cfg.init_seed}")
+    click.echo(f"{'group':<16} {'weights':>7}  {'kind':<8} {'|init|':>9} {'|change|':>9} {'relative':>9}")
+    for r in weight_changes(op):
+        click.echo(f"{r['group']:<16} {r['numel']:>7}  {'prior' if r['prior'] else 'network':<8} {r['init_norm']:>9.4g} {r['change_norm']:>9.4g} "
+                   f"{r['relative_change']:>9.4g}")
 
 
 def main(argv=None) -> None:

@@ -14,13 +14,14 @@ from typing import Any, ClassVar
 from . import seeds as seed_ranges
 from .errors import UserError
 
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")  # --dataset (data.py; imagefolder: any folder of class folders)
 KD_FORMS = ("hinton", "paper", "reverse")  # the KD loss convention: T^2 KL(t||s), KL(t||s) or KL(s||t) (distill.py)
 CLIP_MODES = ("norm", "value")  # how the hypergradient is clipped (hypergrad.py)
 LOOKAHEADS = ("current", "base")  # the lr of the greedy hypergradient's look-ahead step (hypergrad.py)
 HYPER_JVPS = ("exact", "difference")  # how the greedy hypergradient forms J a (hypergrad.py)
 TUNE_KD_METHODS = ("greedy", "unrolled", "extrapolate", "extrapolate-periodic")  # --tune-kd (hypergrad.py)
 GREEDY_METHODS = ("greedy", "extrapolate", "extrapolate-periodic")  # those that take greedy hyper-steps (and read hyper_jvp)
-META_METHODS = ("tbptt", "es", "pes")  # meta-train --method (meta.py)
+META_METHODS = ("tbptt", "es", "pes", "full")  # meta-train --method (meta.py)
 ES_OBJECTIVES = ("ce", "error")  # meta-train --es-objective
 
 
@@ -262,6 +263,8 @@ ES_PARAMS = {  # which operator weights --es-params meta-trains, by any method (
     "schedule": ("head.2.bias", "schedule."),  # those biases and their slopes in progress t/T
     "mix": ("mix",),  # an operator made with mix=True: the weights of its terms (the shape of every coordinate's update)
     "mix-schedule": ("mix", "head.2.bias", "schedule."),  # those and the schedule
+    # every weight but the designed prior's scalars (operators.learned.PRIOR: mix, schedule slopes, head output biases)
+    "networks": ("lstm.", "coord_", "head.0.", "head.2.weight"),
 }
 
 
@@ -272,7 +275,7 @@ class MetaConfig:
     teacher: str | None = None
     kd_form: str = TrainConfig.kd_form  # the KD loss convention of the episodes (and of meta-validation)
     students: str = "tiny,tiny_wide"
-    method: str = "tbptt"  # tbptt | es | pes
+    method: str = "tbptt"  # tbptt | es | pes | full (backpropagation through whole episodes)
     unroll: int = 20  # tbptt, pes: steps per truncation
     curriculum: str = "100,300,1000"  # episode lengths, each used for an equal share of the budget
     meta_steps: int = 300
@@ -284,7 +287,7 @@ class MetaConfig:
     sigma: float = 0.02  # es, pes: standard deviation of the perturbations of phi
     pairs: int = 1  # the population per meta-step and rank: es/pes antithetic pairs, tbptt episodes
     es_eval: int = 2000  # es, pes: validation images of the objective
-    es_objective: str = "ce"  # es, pes: validation "ce" or "error" (ES needs no gradient of it)
+    es_objective: str = "ce"  # es, pes, full: validation "ce" or "error" (full: a smooth error, differentiable)
     es_params: str = "all"  # a key of ES_PARAMS: the meta-trained weights (es and pes perturb only those)
     vmap: bool = False  # es, pes: advance a meta-step's particles of one student together, one vmapped step (for a GPU)
     hidden: int = 20
@@ -329,7 +332,7 @@ class MetaConfig:
             raise UserError("--sigma, --pairs and --es-eval must be positive")
         check_choice("--es-objective", self.es_objective, ES_OBJECTIVES)
         check_choice("--es-params", self.es_params, ES_PARAMS)
-        if self.vmap and self.method == "tbptt":
+        if self.vmap and self.method in ("tbptt", "full"):
             raise UserError("--vmap advances ES and PES particles: use it with --method es or pes")
         check_choice("--per-coordinate", self.per_coordinate, PER_COORDINATE)
         if not self.rms_floor >= 0:

@@ -27,12 +27,16 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import save_atomic
+from .config import DATASETS
 from .errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-DATASETS = ("cifar10", "synthetic")
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGE_SIZE = 32  # imagefolder images are resized to this square (the models are CIFAR-sized)
+TEST_FRACTION = 0.2  # an imagefolder without train/ and test/ folders gives this share of each class to test
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 VAL_FRACTION = 0.1
 SPLIT_SEED = 0  # the train/val split is fixed for the project, independent of run seeds
@@ -100,6 +104,12 @@ class Splits:
 def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> Dataset:
     if name == "cifar10":
         return load_cifar10(Path(root) if root else default_data_root(), download)
+    if name == "cifar100":
+        return load_cifar100(Path(root) if root else default_data_root(), download)
+    if name == "imagefolder":
+        if root is None:
+            raise UserError("--dataset imagefolder needs --data-root DIR: a folder of class folders (or train/ and test/ of them)")
+        return load_imagefolder(Path(root))
     if name == "synthetic":
         return make_synthetic()
     raise UserError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
@@ -136,6 +146,110 @@ def load_cifar10(root: Path, download: bool = False) -> Dataset:
     return Dataset("cifar10", **arrays, mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
 
+def load_cifar100(root: Path, download: bool = False) -> Dataset:
+    """CIFAR-100 (fine labels, 100 classes) from ``root/cifar-100-python`` in its official pickle format, fetched by
+    torchvision with ``download``; decoded once and cached like CIFAR-10."""
+    source = root / "cifar-100-python"
+    if download and not source.is_dir():
+        from torchvision.datasets import CIFAR100
+
+        CIFAR100(str(root), train=True, download=True)
+    if not (source / "train").is_file() or not (source / "test").is_file():
+        raise UserError(f"no CIFAR-100 found at {root}: expected cifar-100-python/train and test (the official python version); "
+                        "pass --data-root PATH (or set L2O_KD_DATA), or add --download when online")
+    cache = _files_cache_path("cifar100", [source / "train", source / "test"])
+    if cache.exists():
+        arrays = torch.load(cache, weights_only=True)
+    else:
+        arrays = {}
+        for split in ("train", "test"):
+            arrays[f"{split}_x"], arrays[f"{split}_y"] = _read_cifar_pickle(source / split, b"fine_labels")
+        if int(arrays["train_y"].max()) >= 100 or int(arrays["train_y"].min()) < 0 or len(arrays["train_y"].unique()) != 100:
+            raise UserError(f"{source}: expected fine labels 0..99, every class in train")
+        save_atomic(arrays, cache)
+    return Dataset("cifar100", **arrays, mean=CIFAR100_MEAN, std=CIFAR100_STD, num_classes=100)
+
+
+def _read_cifar_pickle(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N x 3 x 32 x 32 uint8) and labels of one file of the official CIFAR python format."""
+    import pickle
+
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+        data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = torch.tensor(list(entry[label_key]), dtype=torch.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"cannot read {path} as a CIFAR python batch ({type(exc).__name__}: {exc})") from exc
+    if len(labels) != len(data):
+        raise UserError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return torch.from_numpy(data.copy()), labels
+
+
+def load_imagefolder(root: Path) -> Dataset:
+    """Any folder of class folders: ``root/train/<class>/*`` and ``root/test/<class>/*``, or ``root/<class>/*`` whose
+    images are cut into train and test (:data:`TEST_FRACTION` of each class, fixed seed). Images are resized to
+    :data:`IMAGE_SIZE` squared; the normalization is the train images' per-channel mean and std."""
+    if not root.is_dir():
+        raise UserError(f"--data-root {root}: not a folder (imagefolder wants class folders of images)")
+    cache = _files_cache_path("imagefolder", sorted(f for f in root.rglob("*") if f.is_file()))
+    if cache.exists():
+        arrays = torch.load(cache, weights_only=True)
+    else:
+        split_folders = (root / "train").is_dir() and (root / "test").is_dir()
+        files = {split: _image_files(root / split) for split in ("train", "test")} if split_folders else {"all": _image_files(root)}
+        classes = sorted({cls for items in files.values() for cls, _, _ in items})
+        if len(classes) < 2:
+            raise UserError(f"{root}: found {len(classes)} class folder(s) with images ({', '.join(IMAGE_SUFFIXES)}); an image "
+                            "folder needs at least 2: <class>/<image> (or train/<class>/... and test/<class>/...)")
+        arrays = {}
+        for split, items in files.items():
+            arrays[f"{split}_x"], arrays[f"{split}_y"] = _decode_images(items, classes)
+        if not split_folders:
+            arrays = _cut_test(arrays.pop("all_x"), arrays.pop("all_y"), len(classes))
+        arrays["classes"] = classes
+        save_atomic(arrays, cache)
+    classes = arrays.pop("classes")
+    pixels = arrays["train_x"].float().div(255)
+    mean, std = tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).clamp_min(1e-3).tolist())
+    return Dataset("imagefolder", **arrays, mean=mean, std=std, num_classes=len(classes))
+
+
+def _image_files(folder: Path) -> list[tuple[str, str, Path]]:
+    return sorted((f.parent.name, f.name, f) for f in folder.glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _decode_images(items: list[tuple[str, str, Path]], classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for _, _, f in tqdm(items, desc="decoding images (once, then cached)", disable=None, leave=False):
+        try:
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise UserError(f"cannot read image {f}: {exc}") from exc
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if images else torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE)
+    return x.to(torch.uint8), torch.tensor([classes.index(c) for c, _, _ in items], dtype=torch.int64)
+
+
+def _cut_test(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """A stratified, fixed (``SPLIT_SEED``) train/test cut: each class gives ``TEST_FRACTION`` of its images (at least one) to test."""
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    test = []
+    for c in range(num_classes):
+        idx = torch.nonzero(y == c).flatten()
+        if len(idx) < 3:
+            raise UserError(f"class {c} has {len(idx)} image(s): each class needs at least 3 (train, val, test)")
+        test.append(idx[torch.randperm(len(idx), generator=g)][:max(1, round(len(idx) * TEST_FRACTION))])
+    is_test = torch.zeros(len(y), dtype=torch.bool)
+    is_test[torch.cat(test)] = True
+    return {"train_x": x[~is_test], "train_y": y[~is_test], "test_x": x[is_test], "test_y": y[is_test]}
+
+
 def _find_cifar10_source(root: Path, download: bool) -> Path:
     """The first readable form of CIFAR-10 under ``root`` (see the module docstring)."""
     if root.is_file() and root.name.endswith((".tar.gz", ".tgz")):
@@ -158,6 +272,13 @@ def _cache_path_for(source: Path) -> Path:
     stat = source.stat() if source.exists() else None
     key = f"{source.resolve()}|{stat.st_size if stat else 0}|{int(stat.st_mtime) if stat else 0}"
     return cache_dir() / f"cifar10-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+
+
+def _files_cache_path(name: str, files: list[Path]) -> Path:
+    """The cache file of a dataset decoded from ``files``: keyed by their paths, sizes and modification times, so a
+    changed, added or removed file means a new decode."""
+    key = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return cache_dir() / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
 
 
 def _decode_source(source: Path, download: bool) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ other value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +44,9 @@ def _kd_delta(s: torch.Tensor, teacher: torch.Tensor, temperature, kd_form: str)
     _refuse(kd_form)
 
 
-@dataclass
-class KDTerms:
+class KDTerms(NamedTuple):
+    """The KD loss of a batch and its two terms: ``total = (1 - beta) * ce + beta * kd``."""
+
     total: torch.Tensor
     ce: torch.Tensor
     kd: torch.Tensor  # the term beta multiplies: T^2 * KL (hinton), KL (paper) or the reverse KL (reverse)
@@ -73,8 +74,12 @@ def kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature, kd_form: 
     _refuse(kd_form)
 
 
-def kd_loss(student, teacher, y, beta, temperature, kd_form: str = TrainConfig.kd_form) -> torch.Tensor:
-    return kd_terms(student, teacher, y, beta, temperature, kd_form).total
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor, beta, temperature,
+            form: str = TrainConfig.kd_form) -> KDTerms:
+    """The loss the project trains with, ``(1 - beta) * CE + beta * KD`` in the convention ``form`` (hinton, paper or
+    reverse: the module docstring), and its terms, batch means: ``kd_loss(...).total.backward()``. ``teacher_logits``
+    None: plain CE (``kd`` is 0). ``beta`` and ``temperature`` may be tensors (differentiable in them)."""
+    return kd_terms(student_logits, teacher_logits, targets, beta, temperature, form)
 
 
 def batch_ce(model, params, buffers, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -98,7 +103,8 @@ def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second
 
     Built in logit space with one backward pass: ``g = J_s^T [(1-beta) dCE/ds + beta dKD/ds]`` with
     ``dCE/ds = (softmax(s) - onehot(y)) / n`` and the KD term's from :func:`_kd_delta`. First order (the default),
-    ``J_s`` is taken at detached weights. Returns (grads, ce, kd) with the two loss terms as floats; the
+    ``J_s`` is taken at detached weights. Returns (grads, ce, kd): the two loss terms as floats, or with
+    ``second_order`` as tensors in the graph (an operator that reads them is then differentiated exactly); the
     gradients in their parameters' layout (:func:`l2o_kd.models.like_param`), as :func:`l2o_kd.step.gradient` returns them.
     """
     if second_order:
@@ -106,8 +112,9 @@ def kd_gradient(model, params, buffers, x, y, teacher, beta, temperature, second
     else:
         w = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     s = apply(model, w, buffers, x, train=True)
-    with torch.no_grad():
+    with torch.set_grad_enabled(second_order):
         ce, kd = F.cross_entropy(s, y), kd_term(s, teacher, temperature, kd_form)
     delta = kd_logit_gradient(s if second_order else s.detach(), teacher, y, beta, temperature, kd_form)
     grads = torch.autograd.grad(s, list(w.values()), grad_outputs=delta, create_graph=True)
-    return {k: like_param(g, w[k]) for k, g in zip(w, grads)}, float(ce), float(kd)
+    grads = {k: like_param(g, w[k]) for k, g in zip(w, grads)}
+    return (grads, ce, kd) if second_order else (grads, float(ce), float(kd))

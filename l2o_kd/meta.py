@@ -9,6 +9,10 @@ of the meta-gradient (``--method``, objects in :mod:`l2o_kd.estimators`):
 * ``pes``: persistent ES (Vicol et al. 2021): pairs of episodes advanced ``--unroll`` steps per
   meta-step, unbiased for the sum over truncations of the validation loss at their ends (the whole
   learning curve), one truncation per meta-step.
+* ``full``: backpropagation through whole episodes (Andrychowicz et al. 2016), the full-horizon
+  meta-gradient of the objective at the episode's end (validation CE, or a smooth error): no truncation
+  bias, exact with ``--second-order``. Affordable on the cheap students of :mod:`l2o_kd.models`
+  (``cnn16``, ``mlp8``: the image average-pooled, the full image's teacher logits as KD targets).
 
 An episode (a *particle*) is a fresh student (drawn from ``--students``, seeded in the meta-training
 range of :mod:`l2o_kd.seeds`) trained by the operator with :func:`l2o_kd.step.training_step`, the
@@ -65,7 +69,7 @@ class Episode:
 
     def __init__(self, splits: Splits, logits: torch.Tensor, operator: LSTMOperator, student: str, seed: int, length: int, cfg: MetaConfig,
                  loaders: tuple[BatchLoader, BatchLoader] | None = None):
-        self.model = build_model(student, seed=seed).to(cfg.device)
+        self.model = build_model(student, seed=seed, num_classes=splits.dataset.num_classes).to(cfg.device)
         self.params, self.buffers = split_state(self.model)
         self.state = operator.init(self.params)
         self.splits, self.logits, self.cfg = splits, logits, cfg
@@ -155,6 +159,29 @@ def unroll(operator: LSTMOperator, ep: Episode, k: int) -> torch.Tensor:
 
 
 DIVERGED_LOSS = 10.0  # objective counted for a diverged episode (chance is ln 10 = 2.3)
+SMOOTH_ERROR_TEMPERATURE = 0.1  # full's "error" objective: 1 - softmax(logits / this)[label], a differentiable error rate
+
+
+def _val_logits(ep: Episode, n_val: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's logits (eval mode, running BatchNorm statistics; in the graph when its weights are) of
+    ``n_val`` validation images drawn from (episode seed, step), and their labels."""
+    gen = torch.Generator().manual_seed(ep.seed * 10_007 + ep.step)
+    xv, yv = ep.splits.split("val")
+    idx = torch.randperm(len(yv), generator=gen)[:n_val]
+    logits = apply(ep.model, ep.params, ep.buffers, ep.val_loader.normalize(xv[idx]), train=False)
+    return logits, yv[idx].to(logits.device)
+
+
+def unroll_whole(operator: LSTMOperator, ep: Episode, n_val: int, objective: str = "ce") -> torch.Tensor:
+    """The episode run to its end through the differentiable training step; the objective at its end (a graph
+    to phi through every step: the full-horizon meta-loss): validation CE, or with ``objective="error"`` the
+    smooth error ``1 - softmax(logits / SMOOTH_ERROR_TEMPERATURE)[label]``, on ``n_val`` validation images."""
+    while not ep.done:
+        train_step(operator, ep, differentiable=True)
+    logits, y = _val_logits(ep, n_val)
+    if objective == "ce":
+        return F.cross_entropy(logits, y)
+    return 1 - F.softmax(logits / SMOOTH_ERROR_TEMPERATURE, 1).gather(1, y[:, None]).mean()
 
 
 def episode_loss(ep: Episode, n_val: int, objective: str = "ce") -> float:
@@ -162,12 +189,8 @@ def episode_loss(ep: Episode, n_val: int, objective: str = "ce") -> float:
     BatchNorm statistics), on ``n_val`` validation images drawn from (episode seed, step), so both
     members of an antithetic pair see the same images; a diverged episode scores ``DIVERGED_LOSS``
     (CE) or 0.9 (error)."""
-    gen = torch.Generator().manual_seed(ep.seed * 10_007 + ep.step)
-    xv, yv = ep.splits.split("val")
-    idx = torch.randperm(len(yv), generator=gen)[:n_val]
     with torch.no_grad():
-        logits = apply(ep.model, ep.params, ep.buffers, ep.val_loader.normalize(xv[idx]), train=False)
-        yv = yv[idx].to(logits.device)
+        logits, yv = _val_logits(ep, n_val)
         ce = float(F.cross_entropy(logits, yv))
     ep.diverged = ep.diverged or not math.isfinite(ce)
     if ep.diverged:
@@ -197,6 +220,8 @@ class OperatorTask:
         return Episode(self.splits, self.logits, self._init_operator, student, seed=seed, length=length, cfg=self.cfg, loaders=self.loaders)
 
     def unroll(self, net, ep: Episode, k: int) -> torch.Tensor:
+        if self.cfg.method == "full":  # k is the whole episode (no truncation)
+            return unroll_whole(LSTMOperator(net), ep, self.cfg.es_eval, self.cfg.es_objective)
         return unroll(LSTMOperator(net), ep, k)
 
     def advance(self, net, ep: Episode, k: int) -> None:
@@ -236,8 +261,8 @@ def make_estimator(cfg: MetaConfig, task, next_key) -> GradientEstimator:
     """The estimator of ``cfg.method`` over ``task``; ``next_key()`` numbers the particles."""
     schedule = TruncationSchedule(tuple(cfg.lengths), cfg.unroll)
     trained = lambda name: name.startswith(ES_PARAMS[cfg.es_params])
-    if cfg.method == "tbptt":
-        return TBPTT(task, schedule, next_key, cfg.pairs, trained)
+    if cfg.method in ("tbptt", "full"):  # full: TBPTT whose one truncation is the whole episode
+        return TBPTT(task, schedule if cfg.method == "tbptt" else TruncationSchedule(schedule.lengths, None), next_key, cfg.pairs, trained)
     kind = ES if cfg.method == "es" else PES
     return kind(task, schedule, next_key, cfg.pairs, sigma=cfg.sigma, noise_seed=cfg.seed, trained=trained)
 
@@ -277,9 +302,6 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         raise UserError(f"--es-params {cfg.es_params}: this operator (per-coordinate part {net.cfg.per_coordinate!r}) has no weights {', '.join(missing)}")
     if cfg.vmap and net.cfg.per_coordinate != "mlp":  # nn.LSTM over coordinates has no batching rule (the mlp's is written out)
         raise UserError(f"--vmap: this operator's per-coordinate part {net.cfg.per_coordinate!r} does not run under vmap; use --per-coordinate mlp")
-    if net.cfg.split_kd and (cfg.vmap or cfg.method == "tbptt"):  # neither the vmapped nor the differentiable step builds it
-        raise UserError(f"{'--vmap' if cfg.vmap else '--method tbptt'}: this operator (split_kd) reads the KD share of the gradient, "
-                        "which only the plain training step builds: use --method es or pes without --vmap")
     operator = LSTMOperator(net)
     meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
     meta_step, episode_idx, skipped, best, wall = 0, 0, 0, -1.0, 0.0
@@ -347,6 +369,10 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         if not finite:  # skip the step (the estimator restarted the particle involved)
             skipped += 1
             log.scalars(meta_step, {"skipped": skipped}, "meta/")
+            if skipped >= MAX_SKIPPED and skipped > meta_step:  # most meta-gradients are not finite: nothing is learned
+                save_progress()
+                raise UserError(f"meta-training stopped: {skipped} of {skipped + meta_step} meta-gradients were not finite "
+                                f"(the run so far is saved in {run_dir}); try a smaller --meta-lr or --base-scale")
             continue
         if dist:
             grads = dist.average(grads)
@@ -365,6 +391,9 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
     bar.close()
     log.close()
     return {"meta_steps": meta_step, "best_val_acc": best, "skipped": skipped, "wall_s": wall, "best": str(best_path)}
+
+
+MAX_SKIPPED = 10  # meta-training stops once at least this many meta-steps were skipped as non-finite, and more than were taken
 
 
 def _resume_estimator(estimator: GradientEstimator, path: Path, meta_step: int, next_key: int) -> int:

@@ -101,9 +101,10 @@ class CifarResNet(_Layout, nn.Module):
 class ConvNet(_Layout, nn.Module):
     """conv-BN-ReLU-maxpool per width, then an MLP head (``tiny`` and its variations, ``small``)."""
 
-    def __init__(self, widths=(8, 16, 32), hidden: int | None = 64, padding: int = 0, num_classes: int = 10):
+    def __init__(self, widths=(8, 16, 32), hidden: int | None = 64, padding: int = 0, num_classes: int = 10, downsample: int = 1):
         super().__init__()
-        blocks, c_in, size = [], 3, 32
+        self.downsample = downsample  # > 1: the input is average-pooled by this factor first (a cheap task's student)
+        blocks, c_in, size = [], 3, 32 // downsample
         for w in widths:
             blocks += [nn.Conv2d(c_in, w, 3, 1, padding), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
             c_in, size = w, (size - 2 + 2 * padding) // 2
@@ -115,32 +116,54 @@ class ConvNet(_Layout, nn.Module):
             self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
     def forward(self, x):
+        x = F.avg_pool2d(x, self.downsample) if self.downsample > 1 else x
         return self.head(self.features(self.laid_out(x)))
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {
-    "tiny": lambda: ConvNet((8, 16, 32), hidden=64),
-    "tiny_wide": lambda: ConvNet((12, 24, 48), hidden=64),
-    "tiny_narrow": lambda: ConvNet((6, 12, 24), hidden=48),  # the meta-training family's variations of width
-    "tiny_deep": lambda: ConvNet((8, 16, 32, 32), hidden=64, padding=1),  # ... and of depth
-    "small": lambda: ConvNet((32, 64, 128), hidden=None, padding=1),
-    "resnet8": lambda: CifarResNet(8),
-    "resnet20": lambda: CifarResNet(20),
-    "resnet56": lambda: CifarResNet(56),
+class MLP(nn.Module):
+    """A one-hidden-layer ReLU MLP on the image average-pooled by ``downsample`` (a cheap task's student)."""
+
+    def __init__(self, hidden: int = 32, downsample: int = 4, num_classes: int = 10):
+        super().__init__()
+        self.downsample = downsample
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * (32 // downsample) ** 2, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    activation_format = None  # no convolutions: any layout (and vmap) as given
+
+    def forward(self, x):
+        return self.net(F.avg_pool2d(x, self.downsample) if self.downsample > 1 else x)
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {  # name -> constructor of the model for that many classes
+    "tiny": lambda n: ConvNet((8, 16, 32), hidden=64, num_classes=n),
+    "tiny_wide": lambda n: ConvNet((12, 24, 48), hidden=64, num_classes=n),
+    "tiny_narrow": lambda n: ConvNet((6, 12, 24), hidden=48, num_classes=n),  # the meta-training family's variations of width
+    "tiny_deep": lambda n: ConvNet((8, 16, 32, 32), hidden=64, padding=1, num_classes=n),  # ... and of depth
+    "small": lambda n: ConvNet((32, 64, 128), hidden=None, padding=1, num_classes=n),
+    "resnet8": lambda n: CifarResNet(8, n),
+    "resnet20": lambda n: CifarResNet(20, n),
+    "resnet56": lambda n: CifarResNet(56, n),
+    # Cheap tasks of meta-training: students that see the image average-pooled to 16x16 or 8x8 (the teacher's
+    # logits of the full image stay their KD targets); a step costs a fraction of tiny's on 32x32.
+    "cnn16": lambda n: ConvNet((8, 16, 32), hidden=64, padding=1, downsample=2, num_classes=n),
+    "cnn16_wide": lambda n: ConvNet((12, 24, 48), hidden=64, padding=1, downsample=2, num_classes=n),
+    "mlp8": lambda n: MLP(32, downsample=4, num_classes=n),
+    "mlp16": lambda n: MLP(64, downsample=2, num_classes=n),
 }
 TEACHERS = ("resnet20", "resnet56")
 STUDENTS = ("tiny", "tiny_wide", "tiny_narrow", "tiny_deep", "small", "resnet8")
+CHEAP_STUDENTS = ("cnn16", "cnn16_wide", "mlp8", "mlp16")
 
 
-def build_model(name: str, seed: int | None = None) -> nn.Module:
-    """A fresh model; with ``seed`` its initialization is reproducible."""
+def build_model(name: str, seed: int | None = None, num_classes: int = 10) -> nn.Module:
+    """A fresh model with ``num_classes`` outputs; with ``seed`` its initialization is reproducible."""
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     if seed is None:
-        return MODELS[name]()
+        return MODELS[name](num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[name]()
+        return MODELS[name](num_classes)
 
 
 def count_params(model: nn.Module) -> int:

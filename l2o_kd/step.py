@@ -7,8 +7,9 @@ deploys on: the same batches (``BatchLoader``), normalization, KD loss, gradient
     g      = dL/dw
     w', s' = operator.step(w, g, s, ctx)
 
-``differentiable=True`` (truncated backpropagation into a learned operator) builds ``g`` in logit
-space, ``g = J_s^T dL/ds``, differentiable in beta and T (first order in the weights, see
+``differentiable=True`` (backpropagation into a learned operator) builds ``g`` in logit space,
+``g = J_s^T dL/ds``, differentiable in beta and T (first order in the weights, or exact with
+``second_order``: then the losses the operator reads are in the graph too, see
 :func:`l2o_kd.distill.kd_gradient`), and keeps the operator step in the graph; otherwise ``g`` is
 plain autograd of the loss and nothing is kept. Both give the same ``g`` (tested).
 
@@ -46,37 +47,32 @@ class StepResult:
 
 
 def gradient(model, params: Params, buffers: Params, x, y, t_logits, beta, temperature, kd_form: str, amp: bool = False,
-             differentiable: bool = False, second_order: bool = False,
-             kd_part: bool = False) -> tuple[Params, torch.Tensor, torch.Tensor | None, Params | None]:
-    """The KD gradient of one batch, its stats ``[total, ce, kd, acc]``, the student's logits (detached; acc NaN
-    and no logits when ``differentiable``: the logit-space path does not keep them) and, with ``kd_part``, the
-    KD term's share of the gradient, ``beta * dKD/dw`` (one more backward pass; the gradient itself is the same
-    to the bit), else None (always None when ``differentiable``)."""
-    if differentiable:  # (no KD share here: meta_train refuses tbptt for an operator that reads it)
+             differentiable: bool = False, second_order: bool = False) -> tuple[Params, torch.Tensor, torch.Tensor | None]:
+    """The KD gradient of one batch, its stats ``[total, ce, kd, acc]`` and the student's logits (detached; acc NaN
+    and no logits when ``differentiable``: the logit-space path does not keep them)."""
+    if differentiable:
         grads, ce, kd = kd_gradient(model, params, buffers, x, y, t_logits, beta, temperature, second_order, kd_form)
+        if second_order:  # the losses in the graph too: what the operator reads of them is differentiated
+            nan = torch.full_like(ce, float("nan"))
+            return grads, torch.stack([(1 - beta) * ce + beta * kd, ce, kd, nan]), None
         b = float(beta.detach()) if isinstance(beta, torch.Tensor) else float(beta)
         stats = torch.tensor([(1 - b) * ce + b * kd, ce, kd, float("nan")], device=x.device)
-        return grads, stats, None, None
+        return grads, stats, None
     with torch.enable_grad():  # also inside no_grad (ES and PES episodes)
         w = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-        total, stats, logits, kd = _batch_loss(model, w, buffers, x, y, t_logits, beta, temperature, kd_form, amp)
-        grads = {k: like_param(g, w[k]) for k, g in zip(w, torch.autograd.grad(total, list(w.values()), retain_graph=kd_part))}
-        part = None
-        if kd_part:
-            shares = (torch.autograd.grad(beta * kd, list(w.values()), materialize_grads=True) if kd.requires_grad
-                      else [torch.zeros_like(v) for v in w.values()])  # no teacher: no KD part
-            part = {k: like_param(g, w[k]) for k, g in zip(w, shares)}
-    return grads, stats, logits.detach(), part
+        total, stats, logits = _batch_loss(model, w, buffers, x, y, t_logits, beta, temperature, kd_form, amp)
+        grads = {k: like_param(g, w[k]) for k, g in zip(w, torch.autograd.grad(total, list(w.values())))}
+    return grads, stats, logits.detach()
 
 
 def _batch_loss(model, params: Params, buffers: Params, x, y, t_logits, beta, temperature, kd_form: str, amp: bool = False):
     """The KD loss of one batch in train mode (BatchNorm moves ``buffers``), its detached stats
-    ``[total, ce, kd, acc]``, the logits and the KD term (in the graph)."""
+    ``[total, ce, kd, acc]`` and the logits."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         logits = apply(model, params, buffers, x, train=True)
     logits = logits.float() if amp else logits  # the loss in float32 under autocast, else in the model's precision
     terms = kd_terms(logits, t_logits, y, beta, temperature, kd_form)
-    return terms.total, torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach(), logits, terms.kd
+    return terms.total, torch.stack([terms.total, terms.ce, terms.kd, (logits.argmax(1) == y).float().mean()]).detach(), logits
 
 
 def training_step(operator: Operator, model, params: Params, buffers: Params, state: dict, x, y, t_logits, *, step: int,
@@ -94,17 +90,18 @@ def training_step(operator: Operator, model, params: Params, buffers: Params, st
             apply(model, params, buffers, x, train=True)
     kd = operator.kd(state)
     beta, temperature = (kd.beta, kd.temperature) if kd else fixed_kd
-    grads, stats, logits, part = gradient(model, params, buffers, x, y, t_logits, beta, temperature, kd_form, amp, differentiable,
-                                          second_order, kd_part=operator.needs_kd_part)
+    grads, stats, logits = gradient(model, params, buffers, x, y, t_logits, beta, temperature, kd_form, amp, differentiable, second_order)
     if reduce is not None:  # the gradient and loss of the global batch: means over equal shards
-        *averaged, stats = reduce([*grads.values(), *(part or {}).values(), stats])
+        *averaged, stats = reduce([*grads.values(), stats])
         grads = dict(zip(grads, averaged))
-        part = dict(zip(part, averaged[len(grads):])) if part else part
     loss, ce, kd_value, _ = stats.tolist()
     if raise_on_nan and not math.isfinite(loss):
         raise Diverged(step, "training loss")
+    if stats.requires_grad:  # exact (second-order) meta-gradients: the operator reads the losses in the graph
+        loss, ce, kd_value, _ = stats
+        stats = stats.detach()
     # the full-precision logits of this batch at these weights: a hypergradient may reuse them
-    ctx = StepContext(step, total_steps, loss, ce, kd_value, batches, logits if not amp and reduce is None else None, part)
+    ctx = StepContext(step, total_steps, loss, ce, kd_value, batches, logits if not amp and reduce is None else None)
     with torch.set_grad_enabled(differentiable):
         current = params if differentiable else {k: p.detach() for k, p in params.items()}
         new_params, new_state, info = operator.step(current, grads, state, ctx)

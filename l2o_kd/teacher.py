@@ -29,7 +29,7 @@ def teacher_path(path: str | Path | None) -> Path:
 def load_model_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """A trained teacher or student (eval mode) and its checkpoint dict."""
     ck = ckpt_io.load_checkpoint(path, kind="model")
-    model = build_model(ck["model"]).to(device)
+    model = build_model(ck["model"], num_classes=ck.get("num_classes", 10)).to(device)
     try:
         model.load_state_dict({**ck["params"], **ck["buffers"]})
     except RuntimeError as exc:
@@ -56,10 +56,14 @@ def teacher_logits(teacher: torch.nn.Module, teacher_ckpt: str | Path, splits: S
     ds = splits.dataset
     path = cache_dir() / "teacher_logits" / f"{digest}-{ds.name}-{_fingerprint(splits)}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)
-    logits = {name: predict(teacher, splits.split(name)[0], ds.mean, ds.std, device, desc=f"teacher logits ({name}, cached once)" if progress else None)
-              for name in ("train", "val", "test")}
-    ckpt_io.save_atomic(logits, path)
+        logits = torch.load(path, weights_only=True)
+    else:
+        logits = {name: predict(teacher, splits.split(name)[0], ds.mean, ds.std, device, desc=f"teacher logits ({name}, cached once)" if progress else None)
+                  for name in ("train", "val", "test")}
+        ckpt_io.save_atomic(logits, path)
+    if logits["train"].shape[1] != ds.num_classes:
+        raise UserError(f"teacher {teacher_ckpt} has {logits['train'].shape[1]} classes, the dataset {ds.name} {ds.num_classes}: "
+                        f"train one on it with `l2o-kd train-teacher --dataset {ds.name}` and pass --teacher CKPT")
     return logits
 
 

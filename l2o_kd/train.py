@@ -163,7 +163,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
     steps_per_epoch, total_steps = run_length(cfg.steps, cfg.epochs, len(splits.train_y), cfg.batch_size)
     eval_loaders = {s: BatchLoader(*_share(splits.split(s), dist), 1000, shuffle=False, **loader_kw) for s in ("val", "test")}
 
-    model = build_model(cfg.model, seed=cfg.seed)
+    model = build_model(cfg.model, seed=cfg.seed, num_classes=ds.num_classes)
     if cfg.init:
         initial_weights(cfg, model)
     model = model.to(dev)
@@ -194,7 +194,7 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
     def save(step: int) -> None:
         if main:
             ckpt_io.save_checkpoint(
-                run_dir / "checkpoint.pt", "model", config, model=cfg.model, params=params, buffers=buffers,
+                run_dir / "checkpoint.pt", "model", config, model=cfg.model, num_classes=ds.num_classes, params=params, buffers=buffers,
                 train_state={"operator": state, "step": step, "wall_s": wall_s},
             )
 

@@ -87,9 +87,8 @@ def _timed_step(cell: dict, model, x, y, teacher, xv, yv, i: int, device: str) -
     t0 = time.perf_counter()
     kd = op.kd(state)
     beta, temp = (kd.beta, kd.temperature) if kd else (0.5, 4.0)
-    grads, stats, logits, part = gradient(model, cell["params"], cell["buffers"], x, y, teacher, beta, temp, TrainConfig.kd_form,
-                                          kd_part=op.needs_kd_part)  # the training step's
-    ctx = StepContext(i, 10_000, stats[0].item(), float("nan"), float("nan"), logits=logits, kd_part=part)  # as the training step does
+    grads, stats, logits = gradient(model, cell["params"], cell["buffers"], x, y, teacher, beta, temp, TrainConfig.kd_form)  # the training step's
+    ctx = StepContext(i, 10_000, stats[0].item(), float("nan"), float("nan"), logits=logits)  # as the training step does
     if op.needs_batches:
         ctx.batches = Batches(model, cell["buffers"], x, y, teacher, lambda: (xv, yv))
     _sync(device)

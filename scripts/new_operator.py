@@ -37,17 +37,15 @@ def main() -> None:
     ap.add_argument("--normalize-update", action="store_true")
     ap.add_argument("--rms-floor", type=float, default=d.rms_floor)
     ap.add_argument("--mix", action="store_true", help="the prior direction a learned mix of terms (LSTMOperatorConfig.mix)")
-    ap.add_argument("--split-kd", action="store_true", help="with --mix: DOT's direction as one more term (LSTMOperatorConfig.split_kd)")
     ap.add_argument("--head-from", default=None, help="take the global head over from this operator checkpoint")
     ap.add_argument("--weights-from", default=None,
                     help="take every weight over from this operator checkpoint (its mix's terms first, a new term at 0)")
     ap.add_argument("--seed", type=int, default=0, help="initialization of the new weights")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    torch.manual_seed(args.seed)
     cfg = LSTMOperatorConfig(hidden=args.hidden, base_scale=args.base_scale, normalize_update=args.normalize_update,
                              per_coordinate=args.per_coordinate, coord_hidden=args.coord_hidden, rms_floor=args.rms_floor, mix=args.mix,
-                             split_kd=args.split_kd)
+                             init_seed=args.seed)
     if args.head_from and args.weights_from:
         ap.error("--head-from and --weights-from: give one")
     try:
@@ -56,10 +54,10 @@ def main() -> None:
         ap.error(str(exc))
     if args.weights_from:
         source = load_operator(args.weights_from).net
-        if replace(source.cfg, mix=cfg.mix, split_kd=cfg.split_kd) != cfg:
-            ap.error(f"--weights-from {args.weights_from}: its config {source.cfg} differs from this one in more than mix and split_kd")
+        if replace(source.cfg, mix=cfg.mix) != cfg:
+            ap.error(f"--weights-from {args.weights_from}: its config {source.cfg} differs from this one in more than mix")
         if source.cfg.n_terms > cfg.n_terms or (source.cfg.mix and not cfg.mix):
-            ap.error(f"--weights-from {args.weights_from}: it has terms this operator lacks (give --mix, --split-kd as it has them)")
+            ap.error(f"--weights-from {args.weights_from}: it has terms this operator lacks (give --mix as it has it)")
         weights = source.state_dict()
         if "mix" in weights:  # the source's terms keep their weights, a term it does not have starts at 0
             weights["mix"] = torch.cat([weights["mix"], torch.zeros(cfg.n_terms - len(weights["mix"]))])

@@ -261,31 +261,26 @@ def test_wrong_checkpoint_kind_is_refused(tmp_path):
 
 
 def _steps(op, params, n, grad_seed=0):
-    """``n`` operator steps on fixed random gradients (and, as the KD share, a fixed random part of each);
-    the parameters after each."""
+    """``n`` operator steps on fixed random gradients; the parameters after each."""
     state, out = op.init(params), []
-    gen, gen_kd = torch.Generator().manual_seed(grad_seed), torch.Generator().manual_seed(grad_seed + 1)
+    gen = torch.Generator().manual_seed(grad_seed)
     for step in range(n):
         grads = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) * (1 + i) for i, (k, v) in enumerate(params.items())}
-        kd_part = {k: g * torch.rand(g.shape, generator=gen_kd, dtype=g.dtype) for k, g in grads.items()}
         with torch.no_grad():
-            params, state, _ = op.step(params, grads, state, StepContext(step, 50, 1.0, 1.0, 0.5, kd_part=kd_part))
+            params, state, _ = op.step(params, grads, state, StepContext(step, 50, 1.0, 1.0, 0.5))
         out.append(params)
     return out
 
 
-@pytest.mark.parametrize("without,added", [({}, {"mix": True}), ({"mix": True}, {"mix": True, "split_kd": True})], ids=["mix", "dot"])
+@pytest.mark.parametrize("without,added", [({}, {"mix": True})], ids=["mix"])
 def test_an_operator_with_an_added_term_at_its_initialization_steps_exactly_as_one_without_it(without, added):
-    """The mix at the designed prior (all weight on m_hat(0.9)), and the DOT term at weight 0 beside a trained kind of mix."""
+    """The mix at the designed prior (all weight on m_hat(0.9)) steps as the operator without a mix."""
     model, _ = _problem(torch.float32)
     params, _ = split_state(model)
     runs = []
     for kw in (without, added):
         torch.manual_seed(0)
         net = LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, rms_floor=1e-3, **kw))
-        if without.get("mix"):
-            with torch.no_grad():
-                net.mix[:5].copy_(torch.tensor([0.6, 1.2, 0.7, 0.9, 0.3]))
         runs.append(_steps(LSTMOperator(net), params, 4))
     assert all(torch.equal(a[k], b[k]) for a, b in zip(*runs) for k in a)
 
@@ -313,35 +308,6 @@ def test_the_mix_on_its_adam_term_steps_in_adams_direction_in_every_tensor():
         for k in ref:
             a, b = ref[k].detach() - before[k], mine[step + 1][k] - mine[step][k]
             torch.testing.assert_close(b / b.pow(2).mean().sqrt(), a / a.pow(2).mean().sqrt(), rtol=1e-6, atol=1e-9)
-
-
-def test_the_dot_term_steps_in_dots_direction_in_every_tensor():
-    """All weight on the DOT term, coordinate corrections off: each tensor's update is, up to a positive factor,
-    that of DOT (Zhao et al. 2023) written out here: separate momentum buffers of the CE share (0.825) and the
-    KD share (0.975) of the gradient, the step along their sum."""
-    model, _ = _problem(torch.float64)
-    params, _ = split_state(model)
-    torch.manual_seed(0)
-    op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, mix=True, split_kd=True)).double())
-    with torch.no_grad():
-        op.net.coord_out.weight.zero_()
-        op.net.mix.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0]))
-    mine = [params] + _steps(op, params, 6, grad_seed=3)
-    gen, gen_kd = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)  # _steps's gradients and KD shares
-    buf_ce, buf_kd = ({k: torch.zeros_like(v) for k, v in params.items()} for _ in range(2))
-    for step in range(6):
-        grads = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) * (1 + i) for i, (k, v) in enumerate(params.items())}
-        kd = {k: g * torch.rand(g.shape, generator=gen_kd, dtype=g.dtype) for k, g in grads.items()}
-        for k in params:
-            buf_ce[k] = 0.825 * buf_ce[k] + (grads[k] - kd[k])
-            buf_kd[k] = 0.975 * buf_kd[k] + kd[k]
-            a, b = -(buf_ce[k] + buf_kd[k]), mine[step + 1][k] - mine[step][k]
-            torch.testing.assert_close(b / b.pow(2).mean().sqrt(), a / a.pow(2).mean().sqrt(), rtol=1e-6, atol=1e-9)
-    with pytest.raises(UserError, match="KD share"):
-        op.step(params, grads, op.init(params), StepContext(0, 50))
-    assert op.needs_kd_part and not LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(mix=True))).needs_kd_part
-    with pytest.raises(UserError, match="needs mix"):
-        LSTMOperatorNet(LSTMOperatorConfig(split_kd=True))
 
 
 def test_the_schedule_only_ablation_resets_the_mix_to_the_designed_prior():

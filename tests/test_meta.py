@@ -248,8 +248,3 @@ def test_vmap_es_meta_training_takes_the_meta_steps_of_the_loop(tmp_path, teache
         meta_train(MetaConfig(**{**kw, "es_params": "schedule"}, vmap=True, runs_dir=str(tmp_path), run_name="lstm"))
     with pytest.raises(UserError, match="--method es or pes"):
         MetaConfig(**{**kw, "method": "tbptt"}, vmap=True).validate()
-    split = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, mix=True, split_kd=True)))
-    split.save(tmp_path / "split.pt")  # it reads the KD share of the gradient, which only the plain step builds
-    for extra in ({"vmap": True}, {"method": "tbptt", "es_params": "all"}):
-        with pytest.raises(UserError, match="KD share"):
-            meta_train(MetaConfig(**{**kw, **extra}, init=str(tmp_path / "split.pt"), runs_dir=str(tmp_path), run_name="split"))

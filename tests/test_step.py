@@ -69,42 +69,6 @@ def test_meta_training_episodes_take_the_step_deploy_takes(tmp_path, teacher_ckp
         assert gap < 1e-3 * moved, (ep.step, gap, moved)
 
 
-def test_the_kd_share_of_the_gradient_is_beta_times_the_kd_terms_gradient(setting):
-    """``kd_part``: one more backward pass gives beta * dKD/dw (against autograd of the loss at beta = 1); the
-    gradient itself is the one without it, to the bit; with no teacher the share is zero."""
-    splits, logits, op, cfg = setting
-    ep = Episode(splits, logits, op, "tiny", seed=SEED, length=STEPS, cfg=cfg)
-    b = ep.train_loader.batch_at(0, SEED)
-    args = (ep.model, ep.params, dict(ep.buffers), b.x, b.y, logits[b.idx])
-    plain, _, _, none = gradient(*args, 0.3, 3.0, "hinton")
-    grads, _, _, part = gradient(*args, 0.3, 3.0, "hinton", kd_part=True)
-    kd_alone = gradient(*args, 1.0, 3.0, "hinton")[0]
-    scale = max(float(g.abs().max()) for g in plain.values())
-    assert none is None and all(torch.equal(grads[k], plain[k]) for k in plain)
-    for k in plain:
-        torch.testing.assert_close(part[k], 0.3 * kd_alone[k], rtol=1e-4, atol=1e-6 * scale)
-    assert float(torch.cat([(plain[k] - part[k]).flatten() for k in plain]).norm()) > 0.1 * float(torch.cat([v.flatten() for v in part.values()]).norm())
-    no_teacher = gradient(*args[:-1], None, 0.3, 3.0, "hinton", kd_part=True)[3]
-    assert all(float(v.abs().max()) == 0.0 for v in no_teacher.values())
-
-
-def test_an_operator_reading_the_kd_share_takes_the_same_steps_in_deploy_and_meta_training(tmp_path, teacher_ckpt, setting):
-    splits, logits, _, cfg = setting
-    torch.manual_seed(0)
-    op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=6, base_scale=3e-3, per_coordinate="mlp", normalize_update=True,
-                                                         rms_floor=1e-3, mix=True, split_kd=True)))
-    with torch.no_grad():
-        op.net.mix.copy_(torch.tensor([0.2, 0.5, 0.0, 0.3, 0.0, 1.0]))  # DOT's direction matters
-    deployed = _deployed(tmp_path, teacher_ckpt, splits, op)
-    ep = Episode(splits, logits, op, "tiny", seed=SEED, length=STEPS, cfg=cfg)
-    with torch.no_grad():
-        while not ep.done:
-            train_step(op, ep)
-    for k, w in deployed.items():
-        torch.testing.assert_close(ep.params[k], w, rtol=0, atol=0)
-    assert float(ep.state["dot"].abs().max()) > 0
-
-
 def test_the_differentiable_gradient_equals_autograd_of_the_loss(setting):
     splits, logits, op, cfg = setting
     ep = Episode(splits, logits, op, "tiny", seed=SEED, length=STEPS, cfg=cfg)

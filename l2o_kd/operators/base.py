@@ -31,7 +31,6 @@ class StepContext:
     kd_loss: float = float("nan")
     batches: Any = None  # for operators with ``needs_batches`` (hypergradients): a hypergrad.Batches
     logits: Any = None  # the student's train-mode logits of this batch, detached, when the step kept them
-    kd_part: Any = None  # for operators with ``needs_kd_part``: the KD term's share beta * dKD/dw of the gradient (a Params)
 
     @property
     def progress(self) -> float:
@@ -52,7 +51,6 @@ class Operator(ABC):
     name: str = "operator"
     chooses_kd: bool = False  # kd() returns the (beta, T) of the next loss (learned, hypergradient operators)
     needs_batches: bool = False  # step() reads ctx.batches: the model, this step's batch and validation batches
-    needs_kd_part: bool = False  # step() reads ctx.kd_part (one more backward pass per step); the CE share is g - kd_part
 
     @abstractmethod
     def init(self, params: Params) -> State:

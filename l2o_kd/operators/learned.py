@@ -74,12 +74,10 @@ class LSTMOperatorConfig:
     # m(0.9) / sqrt(v) (v the running mean square of the gradient, 0.999) and sign(m(0.9)). A few weights that
     # change the shape of every coordinate's update, e.g. towards Adam's per-coordinate normalization.
     mix: bool = False
-    # True (with mix): one more term of the mix, DOT's direction (Zhao et al., ICCV 2023: separate momenta for the
-    # task and the distillation gradient): a momentum buffer b <- mu b + share for each of the CE share g - beta dKD/dw
-    # and the KD share beta dKD/dw of the gradient, mu = 0.9 -+ 0.075 (:data:`DOT_MOMENTA`), their sum at unit RMS per
-    # tensor. Its weight starts at 0; the training step computes the KD share by one more backward pass
-    # (``Operator.needs_kd_part``).
-    split_kd: bool = False
+    # The seed of the networks' random initialization (the LSTM, the per-coordinate MLP, the head's hidden layer):
+    # with the configuration it fixes them, so a checkpoint's initialization is rebuilt exactly (init_networks,
+    # weight_changes). The read-outs start at zero, so at initialization the operator steps as its prior does.
+    init_seed: int = 0
 
     @property
     def n_inputs(self) -> int:
@@ -87,7 +85,7 @@ class LSTMOperatorConfig:
 
     @property
     def n_terms(self) -> int:
-        return len(self.timescales) + 2 + self.split_kd  # m_hat per timescale, Adam's direction, sign(m)[, DOT's direction]
+        return len(self.timescales) + 2  # m_hat per timescale, Adam's direction, sign(m)
 
     @property
     def n_tensor_inputs(self) -> int:
@@ -101,9 +99,12 @@ class LSTMOperatorNet(nn.Module):
         super().__init__()
         if cfg.per_coordinate not in PER_COORDINATE:
             raise UserError(f"unknown per-coordinate part {cfg.per_coordinate!r}: use one of {', '.join(PER_COORDINATE)}")
-        if cfg.split_kd and not cfg.mix:
-            raise UserError("split_kd adds a term to the mix of directions: it needs mix")
         self.cfg = cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            self._build(cfg)
+
+    def _build(self, cfg: LSTMOperatorConfig) -> None:
         if cfg.per_coordinate == "lstm":
             self.lstm = nn.LSTM(cfg.n_inputs, cfg.hidden, num_layers=cfg.layers)
             self.coord_out = nn.Linear(cfg.hidden, 2)  # direction correction, log-magnitude
@@ -113,10 +114,10 @@ class LSTMOperatorNet(nn.Module):
             self.coord_out = nn.Linear(cfg.coord_hidden, 2)
         self.head = nn.Sequential(nn.Linear(cfg.hidden + 3, cfg.head_hidden), nn.Tanh(), nn.Linear(cfg.head_hidden, 3))
         self.schedule = nn.Linear(1, 3, bias=False)  # slopes in progress of the head's 3 outputs
-        with torch.no_grad():  # small outputs at init: the operator starts as normalized momentum
-            self.coord_out.weight.mul_(0.01)
+        with torch.no_grad():  # zero read-outs: at init the operator steps as its prior does (NETWORKS move nothing yet)
+            self.coord_out.weight.zero_()
             self.coord_out.bias.zero_()
-            self.head[-1].weight.mul_(0.01)
+            self.head[-1].weight.zero_()
             self.head[-1].bias.zero_()
             self.schedule.weight.zero_()
         if cfg.mix:  # after every random initialization: the other weights are those of an operator without it
@@ -164,10 +165,6 @@ class LSTMOperator(Operator):
     def cfg(self) -> LSTMOperatorConfig:
         return self.net.cfg
 
-    @property
-    def needs_kd_part(self) -> bool:
-        return self.cfg.split_kd
-
     def init(self, params: Params) -> State:
         ref = next(iter(params.values()))
         n = sum(p.numel() for p in params.values())
@@ -177,7 +174,6 @@ class LSTMOperator(Operator):
         return {
             "momenta": z(len(c.timescales), n),
             **({"second": z(1, n)} if c.mix else {}),
-            **({"dot": z(2, n)} if c.split_kd else {}),
             "h": z(c.layers, units, c.hidden),
             "c": z(c.layers, units, c.hidden),
             "beta": torch.sigmoid(self.net.beta_bias).to(ref),
@@ -207,20 +203,12 @@ class LSTMOperator(Operator):
         mixed = {}
         if self.cfg.mix:
             second = ADAM_DECAY * state["second"] + (1 - ADAM_DECAY) * g**2
-            adam = momenta[mid:mid + 1] / (torch.sqrt(second) + 1e-12)
+            # sqrt(v + 1e-24): finite derivative where v = 0 (a gradient entry that was exactly 0 so far: ReLU, max-pool)
+            adam = momenta[mid:mid + 1] / (torch.sqrt(second + 1e-24) + 1e-12)
             adam = _floored_unit_rms(adam, sizes, self.cfg.rms_floor)
             terms = torch.cat([m_hat, adam, torch.sign(momenta[mid:mid + 1])])
-            prior = self.net.mix[:len(terms)] @ terms
+            prior = self.net.mix @ terms
             mixed = {"second": second}
-            if self.cfg.split_kd:  # added after the others: at weight 0 the steps are bitwise those without it
-                if ctx.kd_part is None:
-                    raise UserError("this operator (split_kd) needs the KD share of the gradient: run it through the training step")
-                kd = _flat_finite(ctx.kd_part, names)
-                mu = torch.tensor(DOT_MOMENTA, device=g.device, dtype=g.dtype)[:, None]
-                dot = mu * state["dot"] + torch.stack([g - kd, kd])  # CE share, KD share
-                both = dot.sum(0, keepdim=True)
-                prior = prior + self.net.mix[-1] * _floored_unit_rms(both, sizes, self.cfg.rms_floor)[0]
-                mixed["dot"] = dot
         else:
             prior = m_hat[mid]
         direction = -prior + coord[0]
@@ -257,9 +245,48 @@ VARIANTS = {
     "schedule-only": "the per-coordinate read-out (coord_out) zeroed and the mix of terms (if any) reset to its initialization: "
                      "every coordinate's update is the designed prior -m_hat(0.9) sized by the global head, which keeps its "
                      "schedule (the LSTM still runs: its pooled state feeds the head)",
+    "init-networks": "every weight of the networks (LSTM, per-coordinate MLP or read-out, the head but its output biases) reset "
+                     "to the recorded initialization (LSTMOperatorConfig.init_seed): the designed prior's scalars (PRIOR) alone "
+                     "are kept, so the operator steps as its prior does and the difference is what the networks learned",
     "step=K": "every step multiplied by K > 0 (base_scale times K, every weight the same): the one scalar to tune on "
               "validation, as a baseline's lr is, for a student whose best step size differs from the meta-training students'",
 }
+
+
+# The designed prior's global scalars: the mix of directions, the schedule's slopes and the head's output biases (its base
+# beta, T and step scale). Every other weight belongs to the networks.
+PRIOR = ("mix", "schedule.weight", "head.2.bias")
+
+
+def is_prior(name: str) -> bool:
+    return name in PRIOR
+
+
+def init_networks(operator: LSTMOperator) -> LSTMOperator:
+    """A copy of ``operator`` whose networks are at their recorded initialization (rebuilt from its config, which
+    holds ``init_seed``), its prior's scalars (:data:`PRIOR`) kept: the ``init-networks`` variant."""
+    net = LSTMOperatorNet(operator.cfg).to(next(operator.net.parameters()).device)
+    trained = operator.net.state_dict()
+    net.load_state_dict({k: trained[k] if is_prior(k) or k not in dict(net.named_parameters()) else v for k, v in net.state_dict().items()})
+    return LSTMOperator(net)
+
+
+def weight_changes(operator: LSTMOperator) -> list[dict]:
+    """Per weight group (a module's parameters, or one prior scalar tensor), the norm of its recorded initialization,
+    of its change from it and their ratio (the relative change; inf for a group that starts at zero and moved)."""
+    init = dict(LSTMOperatorNet(operator.cfg).named_parameters())
+    groups: dict[str, list[str]] = {}
+    for name, _ in operator.net.named_parameters():
+        groups.setdefault(name if is_prior(name) else name.rsplit(".", 1)[0] if "." in name else name, []).append(name)
+    rows = []
+    now = dict(operator.net.named_parameters())
+    for group, names in groups.items():
+        start = torch.cat([init[n].detach().reshape(-1).cpu() for n in names])
+        moved = torch.cat([now[n].detach().reshape(-1).cpu() for n in names]) - start
+        size, change = float(start.norm()), float(moved.norm())
+        rows.append({"group": group, "numel": start.numel(), "prior": all(is_prior(n) for n in names), "init_norm": size,
+                     "change_norm": change, "relative_change": change / size if size else (math.inf if change else 0.0)})
+    return rows
 
 
 def step_factor(variant: str) -> float | None:
@@ -272,13 +299,15 @@ def step_factor(variant: str) -> float | None:
     except ValueError:
         factor = math.nan
     if not (math.isfinite(factor) and factor > 0):
-        raise UserError(f"unknown operator variant {variant!r}: use schedule-only or step=K with K a positive number")
+        raise UserError(f"unknown operator variant {variant!r}: use schedule-only, init-networks or step=K with K a positive number")
     return factor
 
 
 def with_variant(operator: LSTMOperator, variant: str) -> LSTMOperator:
     """A copy of ``operator`` changed as ``variant`` (a form of :data:`VARIANTS`) says."""
     factor = step_factor(variant)
+    if variant == "init-networks":
+        return init_networks(operator)
     if factor is None:
         return ablated(operator, variant)
     net = LSTMOperatorNet(replace(operator.cfg, base_scale=operator.cfg.base_scale * factor))
@@ -312,7 +341,6 @@ def load_operator(path, device: str = "cpu") -> LSTMOperator:
 
 
 ADAM_DECAY = 0.999  # the running mean square of the gradient in the mix's Adam term (Adam's beta_2)
-DOT_MOMENTA = (0.825, 0.975)  # split_kd: DOT's momenta of the CE and the KD share (its defaults: 0.9 -+ delta 0.075)
 
 
 def _prior_index(cfg: LSTMOperatorConfig) -> int:
