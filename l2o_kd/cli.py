@@ -147,7 +147,7 @@ def student_options(f):
                      help="Greedy look-ahead step at the current lr, or at the base lr with the hypergradient scaled by current/base lr (the paper's code)."),
         click.option("--hyper-jvp", type=click.Choice(HYPER_JVPS), default=T.hyper_jvp, show_default=True,
                      help="Greedy: the Jacobian-vector product J a as a forward difference reusing the training forward (one forward), or exactly "
-                          "(forward mode, 1.4x the step; the default until session 18)."),
+                          "(forward mode, 1.4x the step)."),
         click.option("--hyper-every", type=int, default=T.hyper_every, show_default=True, help="Steps between hyper-steps."),
         click.option("--hyper-unroll", type=int, default=T.hyper_unroll, show_default=True, help="unrolled: steps differentiated through."),
         click.option("--extrapolate-after", type=float, default=T.extrapolate_after, show_default=True, help="extrapolate: fraction of the run in the greedy phase."),

@@ -56,8 +56,8 @@ LEARNED = "learned_operators.json"  # {label: content digest} of the learned ope
 TUNE_SEED = seed_ranges.tuning_seed(0)  # the student of every lr-tuning run
 # CompareConfig fields that decide a cell's result (with the resolved steps and the teacher's digest)
 DECISIVE = ("student", "dataset", "beta", "temperature", "kd_form", "hyper_clip_mode", "hyper_lookahead", "batch_size", "momentum", "schedule", "lrs", "tune_lr", "tune_steps", "evals")
-# ... and those added later, with the value that folders made before them implicitly had (hyper_jvp: the
-# default until session 18, not today's)
+# ... and those added later, with the value that folders made before them implicitly had (hyper_jvp: its
+# default before the forward difference became it, not today's)
 LATER = {"hyper_jvp": TrainConfig.LATER["hyper_jvp"], "kd_grid": [], "tune_step": 0}
 
 

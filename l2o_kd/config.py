@@ -101,7 +101,7 @@ class TrainConfig:
         "eval_at_start", "data_root", "download"})
 
     # Fields added after runs were first saved, with the value the older runs implicitly had (for
-    # hyper_jvp not today's default: "exact" was the default until session 18).
+    # hyper_jvp not today's default: "exact" was the default before "difference").
     LATER: ClassVar[dict[str, Any]] = {"bn_updates": 0, "hyper_jvp": "exact", "init": None}
 
     HYPER: ClassVar[frozenset[str]] = frozenset({

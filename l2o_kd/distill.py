@@ -15,7 +15,7 @@ other value.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +44,17 @@ def _kd_delta(s: torch.Tensor, teacher: torch.Tensor, temperature, kd_form: str)
     _refuse(kd_form)
 
 
-class KDTerms(NamedTuple):
-    """The KD loss of a batch and its two terms: ``total = (1 - beta) * ce + beta * kd``."""
+@dataclass
+class KDTerms:
+    """The KD loss of a batch and its two terms: ``total = (1 - beta) * ce + beta * kd``; unpacks as
+    ``total, ce, kd``."""
 
     total: torch.Tensor
     ce: torch.Tensor
     kd: torch.Tensor  # the term beta multiplies: T^2 * KL (hinton), KL (paper) or the reverse KL (reverse)
+
+    def __iter__(self):
+        return iter((self.total, self.ce, self.kd))
 
 
 def kd_terms(student: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor, beta, temperature, kd_form: str = TrainConfig.kd_form) -> KDTerms:

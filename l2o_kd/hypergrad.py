@@ -5,7 +5,7 @@ Methods (``--tune-kd``):
 
 * ``greedy``: every ``every`` steps, ``h <- P(h - gamma * clip(dL_val(Phi(w, g(w; h))) / dh))``, the
   one-step hypergradient by autograd, its Jacobian-vector product J a by a forward difference
-  (``jvp="difference"``, the default since session 18) or exactly by forward mode (``jvp="exact"``);
+  (``jvp="difference"``, the default) or exactly by forward mode (``jvp="exact"``);
 * ``unrolled``: the same through the last ``unroll`` training steps. Each stored step keeps the
   weights, operator state, batch and the (beta, T) = h_t it really used; the window is replayed
   from its first snapshot with h_t + delta at step t, and the hypergradient is dL_val / d delta at

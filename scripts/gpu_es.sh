@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepared for a session with a GPU (the `device` tool), issue 12: the meta-training that worked on the CPU
-# (session 11: whole-episode antithetic ES on the mix and schedule weights, --es-params mix-schedule) with a
+# (whole-episode antithetic ES on the mix and schedule weights, --es-params mix-schedule) with a
 # population 16 times larger (16 antithetic pairs, 32 students per meta-step, those of one student advanced
 # together by one vmapped step: --vmap) over the student family and a horizon curriculum, on CUDA, 7 minutes, from the mix's
 # initialization (regenerated here, bitwise the one behind checkpoints/operator.pt). First one meta-step of

@@ -16,7 +16,7 @@ l2o_kd/hypergrad.py): KD loss (1-β) CE + β KL (no T²), each hypergradient com
 ``extrapolate`` periodic (10 greedy steps, a line fitted to them, 90 steps on the line, repeated). The
 ``lstm`` row keeps the convention its operator was meta-trained with (hinton). Both protocols form the
 greedy hypergradient's J a exactly (``hyper_jvp="exact"``, as their recorded rows in docs/RESULTS.md were
-made; l2o-kd's default has been the forward difference since session 18).
+made; l2o-kd's default is the forward difference).
 
     python scripts/reproduce_paper.py --data-root ../shared/data/cifar10-jpeg.tar.gz --protocol paper \
         --methods nokd,naive,random,greedy,extrapolate,tpe,lstm --seeds 0,1,2 --epochs 50 --train-subset 12800

@@ -197,7 +197,7 @@ def test_logit_space_gradient_equals_autograd_gradient_of_the_kd_loss():
     x, y, t = data[0]
     ours = kd_gradient(model, params, {}, x, y, t, 0.3, 2.0, second_order=False)[0]
     ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    ref = torch.autograd.grad(kd_loss(torch.func.functional_call(model, ps, (x,)), t, y, 0.3, 2.0), list(ps.values()))
+    ref = torch.autograd.grad(kd_loss(torch.func.functional_call(model, ps, (x,)), t, y, 0.3, 2.0).total, list(ps.values()))
     for (k, g), r in zip(ours.items(), ref):
         assert torch.allclose(g, r, atol=1e-12), k
 

@@ -75,8 +75,8 @@ def test_the_differentiable_gradient_equals_autograd_of_the_loss(setting):
     b = ep.train_loader.batch_at(0, SEED)
     beta, temperature = torch.tensor(0.3, requires_grad=True), torch.tensor(3.0, requires_grad=True)
     for kd_form in KD_FORMS:
-        plain, stats, _, _ = gradient(ep.model, ep.params, dict(ep.buffers), b.x, b.y, logits[b.idx], 0.3, 3.0, kd_form)
-        diff, dstats, _, _ = gradient(ep.model, ep.params, dict(ep.buffers), b.x, b.y, logits[b.idx], beta, temperature, kd_form, differentiable=True)
+        plain, stats, _ = gradient(ep.model, ep.params, dict(ep.buffers), b.x, b.y, logits[b.idx], 0.3, 3.0, kd_form)
+        diff, dstats, _ = gradient(ep.model, ep.params, dict(ep.buffers), b.x, b.y, logits[b.idx], beta, temperature, kd_form, differentiable=True)
         scale = max(float(g.abs().max()) for g in plain.values())  # (biases in front of BatchNorm: a rounding-only gradient)
         for k in plain:
             torch.testing.assert_close(diff[k], plain[k], rtol=1e-4, atol=1e-6 * scale)
