@@ -265,6 +265,7 @@ ES_PARAMS = {  # which operator weights --es-params meta-trains, by any method (
     "mix-schedule": ("mix", "head.2.bias", "schedule."),  # those and the schedule
     # every weight but the designed prior's scalars (operators.learned.PRIOR: mix, schedule slopes, head output biases)
     "networks": ("lstm.", "coord_", "head.0.", "head.2.weight"),
+    "shape": ("lstm.", "coord_"),  # the networks that shape each coordinate's update (not the head: step size, beta, T)
 }
 
 

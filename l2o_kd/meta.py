@@ -274,25 +274,147 @@ def make_estimator(cfg: MetaConfig, task, next_key) -> GradientEstimator:
 def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = None, dist: Dist | None = None) -> dict:
     """Meta-train the operator; under torchrun (``dist``) every rank runs its own episodes, their
     meta-gradients are averaged before each meta-step, and rank 0 validates and writes."""
-    cfg.validate()
-    main = dist is None or dist.main
-    run_dir = Path(cfg.runs_dir) / cfg.run_name
-    state_path, best_path = run_dir / "meta_checkpoint.pt", Path(cfg.out) if cfg.out else run_dir / "operator-best.pt"
-    if state_path.exists() and not resume:
-        raise UserError(f"{run_dir} already holds a meta-training run: pass --resume or another --run-name")
-    torch.manual_seed(cfg.seed)
-    splits = splits or load_splits(cfg.dataset, cfg.data_root)
-    teacher_file = teacher_path(cfg.teacher)
-    teacher, _ = load_model_checkpoint(teacher_file, cfg.device)
-    logits = teacher_logits(teacher, teacher_file, splits, cfg.device, progress=cfg.progress)["train"].to(cfg.device)
-    decisive = {**cfg.decisive(), "teacher": file_digest(teacher_file), "init": file_digest(cfg.init) if cfg.init else None}
-    if resume and state_path.exists():
-        if (run_dir / FINGERPRINT).exists():  # the same experiment only (a run saved before fingerprints is not checked)
-            check_fingerprint(run_dir, decisive, "meta-training run")
-    elif main:  # a fresh run: its own fingerprint
-        record_fingerprint(run_dir, decisive)
+    run = MetaTraining(cfg, resume, splits, dist)
+    if run.meta_step == 0:
+        run.validate()  # the starting operator is a candidate too
+    while not run.done():
+        run.take_meta_step()
+    return run.finish()
 
-    if cfg.init:  # continue from a saved operator (its own config wins over --hidden, --base-scale, --normalize-update, ...)
+
+class MetaTraining:
+    """One meta-training run: its operator and meta-optimizer, its estimator's particles, its counters (all
+    resumable), meta-validation and the best operator so far."""
+
+    def __init__(self, cfg: MetaConfig, resume: bool, splits: Splits | None, dist: Dist | None):
+        cfg.validate()
+        self.cfg, self.dist, self.main = cfg, dist, dist is None or dist.main
+        self.run_dir = Path(cfg.runs_dir) / cfg.run_name
+        self.state_path = self.run_dir / "meta_checkpoint.pt"
+        self.best_path = Path(cfg.out) if cfg.out else self.run_dir / "operator-best.pt"
+        if self.state_path.exists() and not resume:
+            raise UserError(f"{self.run_dir} already holds a meta-training run: pass --resume or another --run-name")
+        resume = resume and self.state_path.exists()
+        torch.manual_seed(cfg.seed)
+        self.splits = splits or load_splits(cfg.dataset, cfg.data_root)
+        teacher_file = teacher_path(cfg.teacher)
+        logits = teacher_logits(load_model_checkpoint(teacher_file, cfg.device)[0], teacher_file, self.splits, cfg.device,
+                                progress=cfg.progress)["train"].to(cfg.device)
+        self._fingerprint(teacher_file, resume)
+        self.net = starting_operator(cfg).net
+        self.operator = LSTMOperator(self.net)
+        self.meta_opt = torch.optim.Adam(self.net.parameters(), lr=cfg.meta_lr)
+        self.meta_step, self.episode, self.skipped, self.best, self.wall = 0, 0, 0, -1.0, 0.0
+        if resume:
+            self._restore()
+        self.log = RunLog(self.run_dir, {**asdict(cfg), "operator": self.operator.config()}, resume_step=self.meta_step, write=self.main)
+        self.estimator = make_estimator(cfg, OperatorTask(self.splits, logits, cfg, self.operator), self.next_key)
+        self.estimator_path = self.run_dir / f"estimator-rank{dist.rank if dist else 0}.pt"
+        if self.meta_step:
+            self.episode = _resume_estimator(self.estimator, self.estimator_path, self.meta_step, self.episode)
+        self.adam_cache: dict = {}  # meta-validation's reference Adam runs do not change
+        self.bar = tqdm(total=cfg.meta_steps, initial=self.meta_step, desc=f"meta-train ({self.estimator.name})",
+                        disable=not (cfg.progress and self.main), dynamic_ncols=True)
+        self.t_start = time.perf_counter() - self.wall
+
+    def _fingerprint(self, teacher_file: Path, resume: bool) -> None:
+        """A resumed run must be the same experiment; a fresh run records what decides it."""
+        cfg = self.cfg
+        decisive = {**cfg.decisive(), "teacher": file_digest(teacher_file), "init": file_digest(cfg.init) if cfg.init else None}
+        if resume:
+            if (self.run_dir / FINGERPRINT).exists():  # (a run saved before fingerprints is not checked)
+                check_fingerprint(self.run_dir, decisive, "meta-training run")
+        elif self.main:
+            record_fingerprint(self.run_dir, decisive)
+
+    def _restore(self) -> None:
+        ck = load_checkpoint(self.state_path, kind="operator")
+        try:
+            self.net.load_state_dict(ck["weights"])
+            self.meta_opt.load_state_dict(ck["meta_optimizer"])
+        except (RuntimeError, ValueError) as exc:  # another --hidden, or a run saved by an older operator
+            raise UserError(f"{self.state_path} does not fit this operator ({str(exc).splitlines()[0]}): start a new --run-name") from exc
+        progress = ck["progress"]
+        self.meta_step, self.episode, self.skipped, self.best, self.wall = (
+            progress[k] for k in ("meta_step", "episode", "skipped", "best_val_acc", "wall_s"))
+
+    def next_key(self) -> int:
+        """A new particle's key: distinct on every rank, counted in ``episode`` (saved)."""
+        world, rank = (self.dist.world, self.dist.rank) if self.dist else (1, 0)
+        self.episode += 1
+        return (self.episode - 1) * world + rank
+
+    def save_progress(self) -> None:
+        """This rank's estimator (its particles in progress: every rank) and the operator and
+        meta-optimizer (rank 0). The estimator is written first: a kill between the two writes leaves
+        an estimator from a later meta-step, which resume then ignores (fresh particles)."""
+        save_atomic({"meta_step": self.meta_step, "estimator": self.estimator.state_dict(), "next_key": self.episode}, self.estimator_path)
+        if self.main:
+            progress = {"meta_step": self.meta_step, "episode": self.episode, "skipped": self.skipped, "best_val_acc": self.best,
+                        "wall_s": self.wall}
+            self.operator.save(self.state_path, meta_optimizer=self.meta_opt.state_dict(), progress=progress)
+
+    def validate(self) -> None:
+        """Meta-validation, its seeds shared among the ranks; the best operator so far (the initial one
+        included) is kept by rank 0."""
+        self.wall = time.perf_counter() - self.t_start
+        if self.dist:
+            self.dist.check_identical(list(self.net.parameters()), "operator weights")
+        res = meta_validate(self.operator, self.cfg, self.splits, self.run_dir / "metaval" / f"step{self.meta_step}", self.adam_cache, self.dist)
+        if self.main:
+            self.log.scalars(self.meta_step, res, "metaval/")
+            if res["lstm_val_acc"] > self.best:
+                self.best = res["lstm_val_acc"]
+                self.operator.save(self.best_path, meta={"meta_step": self.meta_step, "val_acc": self.best, "config": asdict(self.cfg)})
+            self.log.row({"step": self.meta_step, **res, "best_val_acc": self.best, "skipped": self.skipped, "wall_s": round(self.wall, 1)})
+        self.save_progress()
+
+    def done(self) -> bool:
+        return self.meta_step >= self.cfg.meta_steps or _out_of_time(self.cfg, self.t_start, self.dist)
+
+    def take_meta_step(self) -> None:
+        """One meta-gradient estimate and Adam step (clipped); a non-finite estimate is skipped and counted."""
+        self.meta_opt.zero_grad()
+        grads, stats = self.estimator.estimate(self.net, self.meta_step / self.cfg.meta_steps)
+        finite = grads is not None
+        if self.dist:
+            finite = not self.dist.any(not finite)  # one rank's non-finite step is skipped by all
+        if not finite:  # (the estimator restarted the particle involved)
+            self._skip()
+            return
+        if self.dist:
+            grads = self.dist.average(grads)
+        for p, g in zip(self.net.parameters(), grads):
+            p.grad = g
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip)
+        self.meta_opt.step()
+        self.log.scalars(self.meta_step, {**stats, "grad_norm": grad_norm.item()}, "meta/")
+        self.meta_step += 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{stats['loss']:.3f}", particles=self.episode)
+        if self.meta_step % self.cfg.validate_every == 0 or self.meta_step == self.cfg.meta_steps:
+            self.validate()
+
+    def _skip(self) -> None:
+        self.skipped += 1
+        self.log.scalars(self.meta_step, {"skipped": self.skipped}, "meta/")
+        if self.skipped >= MAX_SKIPPED and self.skipped > self.meta_step:  # most meta-gradients are not finite: nothing is learned
+            self.save_progress()
+            raise UserError(f"meta-training stopped: {self.skipped} of {self.skipped + self.meta_step} meta-gradients were not finite "
+                            f"(the run so far is saved in {self.run_dir}); try a smaller --meta-lr or --base-scale")
+
+    def finish(self) -> dict:
+        self.wall = time.perf_counter() - self.t_start
+        self.save_progress()
+        self.bar.close()
+        self.log.close()
+        return {"meta_steps": self.meta_step, "best_val_acc": self.best, "skipped": self.skipped, "wall_s": self.wall, "best": str(self.best_path)}
+
+
+def starting_operator(cfg: MetaConfig) -> LSTMOperator:
+    """The operator meta-training starts from: ``--init``'s (its own config wins over --hidden, --base-scale, ...)
+    or a fresh one; refused when ``--es-params`` names weights it lacks or ``--vmap`` cannot run it."""
+    if cfg.init:
         net = load_operator(cfg.init, cfg.device).net
     else:
         net = LSTMOperatorNet(LSTMOperatorConfig(hidden=cfg.hidden, base_scale=cfg.base_scale, normalize_update=cfg.normalize_update,
@@ -302,95 +424,7 @@ def meta_train(cfg: MetaConfig, resume: bool = False, splits: Splits | None = No
         raise UserError(f"--es-params {cfg.es_params}: this operator (per-coordinate part {net.cfg.per_coordinate!r}) has no weights {', '.join(missing)}")
     if cfg.vmap and net.cfg.per_coordinate != "mlp":  # nn.LSTM over coordinates has no batching rule (the mlp's is written out)
         raise UserError(f"--vmap: this operator's per-coordinate part {net.cfg.per_coordinate!r} does not run under vmap; use --per-coordinate mlp")
-    operator = LSTMOperator(net)
-    meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
-    meta_step, episode_idx, skipped, best, wall = 0, 0, 0, -1.0, 0.0
-    if resume and state_path.exists():
-        ck = load_checkpoint(state_path, kind="operator")
-        try:
-            net.load_state_dict(ck["weights"])
-            meta_opt.load_state_dict(ck["meta_optimizer"])
-        except (RuntimeError, ValueError) as exc:  # another --hidden, or a run saved by an older operator
-            raise UserError(f"{state_path} does not fit this operator ({str(exc).splitlines()[0]}): start a new --run-name") from exc
-        meta_step, episode_idx, skipped, best, wall = (ck["progress"][k] for k in ("meta_step", "episode", "skipped", "best_val_acc", "wall_s"))
-    log = RunLog(run_dir, {**asdict(cfg), "operator": operator.config()}, resume_step=meta_step, write=main)
-
-    def next_key() -> int:
-        """A new particle's key: distinct on every rank, counted in ``episode_idx`` (saved)."""
-        nonlocal episode_idx
-        key = episode_idx * (dist.world if dist else 1) + (dist.rank if dist else 0)
-        episode_idx += 1
-        return key
-
-    task = OperatorTask(splits, logits, cfg, operator)
-    estimator = make_estimator(cfg, task, next_key)
-    estimator_path = run_dir / f"estimator-rank{dist.rank if dist else 0}.pt"
-    if meta_step:
-        episode_idx = _resume_estimator(estimator, estimator_path, meta_step, episode_idx)
-
-    def save_progress() -> None:
-        """This rank's estimator (its particles in progress: every rank) and the operator and
-        meta-optimizer (rank 0). The estimator is written first: a kill between the two writes leaves
-        an estimator from a later meta-step, which resume then ignores (fresh particles)."""
-        save_atomic({"meta_step": meta_step, "estimator": estimator.state_dict(), "next_key": episode_idx}, estimator_path)
-        if main:
-            operator.save(state_path, meta_optimizer=meta_opt.state_dict(),
-                          progress={"meta_step": meta_step, "episode": episode_idx, "skipped": skipped, "best_val_acc": best, "wall_s": wall})
-
-    adam_cache: dict = {}
-
-    def validate() -> None:
-        """Meta-validation, its seeds shared among the ranks; the best operator so far (the initial one
-        included) is kept by rank 0."""
-        nonlocal best, wall
-        wall = time.perf_counter() - t_start
-        if dist:
-            dist.check_identical(list(net.parameters()), "operator weights")
-        res = meta_validate(operator, cfg, splits, run_dir / "metaval" / f"step{meta_step}", adam_cache, dist)
-        if main:
-            log.scalars(meta_step, res, "metaval/")
-            if res["lstm_val_acc"] > best:
-                best = res["lstm_val_acc"]
-                operator.save(best_path, meta={"meta_step": meta_step, "val_acc": best, "config": asdict(cfg)})
-            log.row({"step": meta_step, **res, "best_val_acc": best, "skipped": skipped, "wall_s": round(wall, 1)})
-        save_progress()
-
-    bar = tqdm(total=cfg.meta_steps, initial=meta_step, desc=f"meta-train ({estimator.name})", disable=not (cfg.progress and main),
-               dynamic_ncols=True)
-    t_start = time.perf_counter() - wall
-    if meta_step == 0:
-        validate()
-    while meta_step < cfg.meta_steps and not _out_of_time(cfg, t_start, dist):
-        meta_opt.zero_grad()
-        grads, stats = estimator.estimate(net, meta_step / cfg.meta_steps)
-        finite = grads is not None
-        if dist:
-            finite = not dist.any(not finite)  # one rank's non-finite step is skipped by all
-        if not finite:  # skip the step (the estimator restarted the particle involved)
-            skipped += 1
-            log.scalars(meta_step, {"skipped": skipped}, "meta/")
-            if skipped >= MAX_SKIPPED and skipped > meta_step:  # most meta-gradients are not finite: nothing is learned
-                save_progress()
-                raise UserError(f"meta-training stopped: {skipped} of {skipped + meta_step} meta-gradients were not finite "
-                                f"(the run so far is saved in {run_dir}); try a smaller --meta-lr or --base-scale")
-            continue
-        if dist:
-            grads = dist.average(grads)
-        for p, g in zip(net.parameters(), grads):
-            p.grad = g
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)
-        meta_opt.step()
-        log.scalars(meta_step, {**stats, "grad_norm": grad_norm.item()}, "meta/")
-        meta_step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", particles=episode_idx)
-        if meta_step % cfg.validate_every == 0 or meta_step == cfg.meta_steps:
-            validate()
-    wall = time.perf_counter() - t_start
-    save_progress()
-    bar.close()
-    log.close()
-    return {"meta_steps": meta_step, "best_val_acc": best, "skipped": skipped, "wall_s": wall, "best": str(best_path)}
+    return LSTMOperator(net)
 
 
 MAX_SKIPPED = 10  # meta-training stops once at least this many meta-steps were skipped as non-finite, and more than were taken
