@@ -147,117 +147,127 @@ def train(cfg: TrainConfig, resume: bool = False, splits: Splits | None = None, 
     """Train ``cfg.model`` with ``cfg.operator`` (or the given ``operator`` object, e.g. one being
     meta-trained) and return the last metrics row. With ``dist`` (under torchrun) every rank trains on
     its shard of each batch, gradients are averaged, and only rank 0 writes."""
-    cfg.validate(check_operator=operator is None)
-    dev = dist.device if dist else cfg.device
-    main = dist is None or dist.main
-    run_dir, ck = _prepare_run_dir(cfg, resume)
-    torch.manual_seed(cfg.seed)
-    torch.backends.cudnn.benchmark = dev.startswith("cuda")
+    run = TrainingRun(cfg, resume, splits, operator, dist)
+    if cfg.eval_at_start and not run.resumed:  # (a run resumed from its step-0 checkpoint has that row already)
+        run.trajectory.add(0, run.params)
+        run.evaluation(_Sums())
+    return run.run()
 
-    splits = splits or load_splits(cfg.dataset, cfg.data_root, cfg.download)
-    if cfg.train_subset:
-        splits = splits.subset(cfg.train_subset)
-    ds = splits.dataset
-    loader_kw = dict(mean=ds.mean, std=ds.std, device=dev, channels_last=cfg.channels_last)
-    train_loader = BatchLoader(splits.train_x, splits.train_y, cfg.batch_size, shuffle=True, augment=cfg.augment, drop_last=True, **loader_kw)
-    steps_per_epoch, total_steps = run_length(cfg.steps, cfg.epochs, len(splits.train_y), cfg.batch_size)
-    eval_loaders = {s: BatchLoader(*_share(splits.split(s), dist), 1000, shuffle=False, **loader_kw) for s in ("val", "test")}
 
-    model = build_model(cfg.model, seed=cfg.seed, num_classes=ds.num_classes)
-    if cfg.init:
-        initial_weights(cfg, model)
-    model = model.to(dev)
-    if dist:
-        cross_rank_batchnorm(model)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params, buffers = split_state(model)
-    operator = operator or build_operator(cfg, steps_per_epoch, total_steps, dev)
-    if dist and operator.needs_batches:
-        raise UserError("--tune-kd is not supported under torchrun yet: run hypergradient tuning in one process")
-    teacher_file = resolve_teacher(cfg, operator)
-    teacher = Teacher(teacher_file, splits, cfg.augment, dev, progress=cfg.progress and main) if teacher_file else None
-    fingerprint = run_fingerprint(cfg, teacher_file)
-    state = operator.init(params)
-    step, wall_s = 0, 0.0
-    if ck is not None:
-        _check_resume(ck, fingerprint, run_dir)
-        params = {k: v.to(dev) for k, v in ck["params"].items()}
-        buffers = {k: v.to(dev) for k, v in ck["buffers"].items()}
-        state = _to_device(ck["train_state"]["operator"], dev)
-        step, wall_s = ck["train_state"]["step"], ck["train_state"]["wall_s"]
+class TrainingRun:
+    """One student's run: its data, model tensors, operator and state, teacher, log and checkpoint."""
 
-    config = {**asdict(cfg), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "operator_config": operator.config(),
-              "teacher_path": str(teacher_file) if teacher_file else None, "fingerprint": fingerprint}
-    log = RunLog(run_dir, config, resume_step=step, tensorboard=cfg.tensorboard, write=main)
+    def __init__(self, cfg: TrainConfig, resume: bool, splits: Splits | None, operator: Operator | None, dist: Dist | None):
+        cfg.validate(check_operator=operator is None)
+        self.cfg, self.dist, self.main = cfg, dist, dist is None or dist.main
+        dev = self.device = dist.device if dist else cfg.device
+        self.run_dir, ck = _prepare_run_dir(cfg, resume)
+        torch.manual_seed(cfg.seed)
+        torch.backends.cudnn.benchmark = dev.startswith("cuda")
+        splits = splits or load_splits(cfg.dataset, cfg.data_root, cfg.download)
+        if cfg.train_subset:
+            splits = splits.subset(cfg.train_subset)
+        self._loaders(splits)
+        self.model = self._model(splits.dataset.num_classes)
+        self.params, self.buffers = split_state(self.model)
+        self.operator = operator or build_operator(cfg, self.steps_per_epoch, self.total_steps, dev)
+        if dist and self.operator.needs_batches:
+            raise UserError("--tune-kd is not supported under torchrun yet: run hypergradient tuning in one process")
+        teacher_file = resolve_teacher(cfg, self.operator)
+        self.teacher = Teacher(teacher_file, splits, cfg.augment, dev, progress=cfg.progress and self.main) if teacher_file else None
+        fingerprint = run_fingerprint(cfg, teacher_file)
+        self.state = self.operator.init(self.params)
+        self.step, self.wall_s, self.resumed = 0, 0.0, ck is not None
+        if ck is not None:
+            _check_resume(ck, fingerprint, self.run_dir)
+            self.params, self.buffers = ({k: v.to(dev) for k, v in ck[key].items()} for key in ("params", "buffers"))
+            self.state = _to_device(ck["train_state"]["operator"], dev)
+            self.step, self.wall_s = ck["train_state"]["step"], ck["train_state"]["wall_s"]
+        self.config = {**asdict(cfg), "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                       "operator_config": self.operator.config(), "teacher_path": str(teacher_file) if teacher_file else None,
+                       "fingerprint": fingerprint}
+        self.log = RunLog(self.run_dir, self.config, resume_step=self.step, tensorboard=cfg.tensorboard, write=self.main)
+        self.num_classes = splits.dataset.num_classes
+        self.trajectory = Trajectory(self.run_dir, cfg.trajectory_every if self.main else 0, keep_upto=self.step)
 
-    def save(step: int) -> None:
-        if main:
-            ckpt_io.save_checkpoint(
-                run_dir / "checkpoint.pt", "model", config, model=cfg.model, num_classes=ds.num_classes, params=params, buffers=buffers,
-                train_state={"operator": state, "step": step, "wall_s": wall_s},
-            )
+    def _loaders(self, splits: Splits) -> None:
+        """The shuffled training stream, the evaluation splits (this rank's share) and the val stream of hypergradients."""
+        cfg, ds = self.cfg, splits.dataset
+        kw = dict(mean=ds.mean, std=ds.std, device=self.device, channels_last=cfg.channels_last)
+        self.train_loader = BatchLoader(splits.train_x, splits.train_y, cfg.batch_size, shuffle=True, augment=cfg.augment, drop_last=True, **kw)
+        self.steps_per_epoch, self.total_steps = run_length(cfg.steps, cfg.epochs, len(splits.train_y), cfg.batch_size)
+        self.eval_loaders = {s: BatchLoader(*_share(splits.split(s), self.dist), 1000, shuffle=False, **kw) for s in ("val", "test")}
+        self.val_stream = BatchLoader(*splits.split("val"), cfg.batch_size, shuffle=True, drop_last=True, **kw)
 
-    val_stream = BatchLoader(*splits.split("val"), cfg.batch_size, shuffle=True, drop_last=True, **loader_kw)
-    eval_every = cfg.eval_every or steps_per_epoch
-    trajectory = Trajectory(run_dir, cfg.trajectory_every if main else 0, keep_upto=step)
+    def _model(self, num_classes: int) -> torch.nn.Module:
+        model = build_model(self.cfg.model, seed=self.cfg.seed, num_classes=num_classes)
+        if self.cfg.init:
+            initial_weights(self.cfg, model)
+        model = model.to(self.device)
+        if self.dist:
+            cross_rank_batchnorm(model)
+        return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
 
-    def evaluation(step: int, sums: _Sums) -> dict[str, Any]:
-        row = {"step": step, "epoch": step / steps_per_epoch, **sums.means(), "wall_s": round(wall_s, 3), "peak_mem_mb": peak_memory_mb(dev)}
-        for split, loader in eval_loaders.items():
-            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(model, params, buffers, loader, dist)
-        log.row(row)
-        trajectory.save()
-        save(step)
+    def save(self) -> None:
+        if self.main:
+            ckpt_io.save_checkpoint(self.run_dir / "checkpoint.pt", "model", self.config, model=self.cfg.model, num_classes=self.num_classes,
+                                    params=self.params, buffers=self.buffers,
+                                    train_state={"operator": self.state, "step": self.step, "wall_s": self.wall_s})
+
+    def evaluation(self, sums: _Sums) -> dict[str, Any]:
+        """Validation and test metrics at this step, logged, with the checkpoint and trajectory written."""
+        row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **sums.means(), "wall_s": round(self.wall_s, 3),
+               "peak_mem_mb": peak_memory_mb(self.device)}
+        for split, loader in self.eval_loaders.items():
+            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(self.model, self.params, self.buffers, loader, self.dist)
+        self.log.row(row)
+        self.trajectory.save()
+        self.save()
         return row
 
-    if cfg.eval_at_start and ck is None:  # (a run resumed from its step-0 checkpoint has that row already)
-        trajectory.add(0, params)
-        evaluation(0, _Sums())
-    bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not (cfg.progress and main), dynamic_ncols=True, leave=False)
-    sums = _Sums()
-    last_row: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)  # a run resumed mid-epoch skips the batches it already took
-        for batch in itertools.islice(train_loader.epoch(epoch, cfg.seed), offset, None):
-            if dist:
-                batch = dist.shard(batch)
-            t_logits = teacher.logits(batch) if teacher else None
-            batches = None
-            if operator.needs_batches:  # the model, this step's batch and the val batch of this step
-                batches = Batches(model, buffers, batch.x, batch.y, t_logits, functools.partial(_xy, val_stream, step, cfg.seed + 7))
-            try:
-                out = training_step(operator, model, params, buffers, state, batch.x, batch.y, t_logits, step=step, total_steps=total_steps,
-                                    kd_form=cfg.kd_form, fixed_kd=(cfg.beta, cfg.temperature), amp=cfg.amp, bn_updates=cfg.bn_updates,
-                                    reduce=dist.average if dist else None, batches=batches, raise_on_nan=True)
-            except Diverged:
-                bar.close()
-                raise
-            state, ctx = out.state, out.ctx
-            if step % cfg.log_every == 0 or step % cfg.hist_every == 0:
-                _log_step(log, step, cfg, params, out.params, out.grads, ctx, out.beta, out.temperature, out.info)
-            params = out.params
-            sums.add(ctx, float(out.stats[3]), float(out.beta), float(out.temperature), out.info)
-            step += 1
-            bar.update(1)
-            trajectory.add(step, params)
-            if step % eval_every == 0 or step == total_steps:
-                if not all(torch.isfinite(p).all() for p in params.values()):
-                    bar.close()
-                    raise Diverged(step, "parameters")
-                wall_s += time.perf_counter() - t0
-                last_row = evaluation(step, sums)
-                sums = _Sums()
-                bar.set_postfix(val_acc=f"{last_row['val_acc']:.3f}", loss=f"{last_row['train_loss']:.3f}")
-                t0 = time.perf_counter()
-            if step == total_steps:
-                break
-    bar.close()
-    log.close()
-    if not last_row:  # resumed a finished run: report its last row
-        last_row = read_metrics(run_dir)[-1]
-    return last_row
+    def take_step(self, batch) -> Any:
+        """One training step on ``batch`` (this rank's shard of it under torchrun); the step's result."""
+        cfg, dist = self.cfg, self.dist
+        t_logits = self.teacher.logits(batch) if self.teacher else None
+        batches = None
+        if self.operator.needs_batches:  # the model, this step's batch and the val batch of this step
+            batches = Batches(self.model, self.buffers, batch.x, batch.y, t_logits, functools.partial(_xy, self.val_stream, self.step, cfg.seed + 7))
+        out = training_step(self.operator, self.model, self.params, self.buffers, self.state, batch.x, batch.y, t_logits, step=self.step,
+                            total_steps=self.total_steps, kd_form=cfg.kd_form, fixed_kd=(cfg.beta, cfg.temperature), amp=cfg.amp,
+                            bn_updates=cfg.bn_updates, reduce=dist.average if dist else None, batches=batches, raise_on_nan=True)
+        if self.step % cfg.log_every == 0 or self.step % cfg.hist_every == 0:
+            _log_step(self.log, self.step, cfg, self.params, out.params, out.grads, out.ctx, out.beta, out.temperature, out.info)
+        self.params, self.state = out.params, out.state
+        self.step += 1
+        self.trajectory.add(self.step, self.params)
+        return out
+
+    def run(self) -> dict[str, Any]:
+        """Steps to the end of the run, evaluating every ``eval_every`` steps; the last metrics row."""
+        cfg, eval_every = self.cfg, self.cfg.eval_every or self.steps_per_epoch
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.name, disable=not (cfg.progress and self.main), dynamic_ncols=True,
+                   leave=False)
+        sums, last_row, t0 = _Sums(), {}, time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                epoch, offset = divmod(self.step, self.steps_per_epoch)  # a run resumed mid-epoch skips the batches it already took
+                for batch in itertools.islice(self.train_loader.epoch(epoch, cfg.seed), offset, None):
+                    out = self.take_step(self.dist.shard(batch) if self.dist else batch)
+                    sums.add(out.ctx, float(out.stats[3]), float(out.beta), float(out.temperature), out.info)
+                    bar.update(1)
+                    if self.step % eval_every == 0 or self.step == self.total_steps:
+                        if not all(torch.isfinite(p).all() for p in self.params.values()):
+                            raise Diverged(self.step, "parameters")
+                        self.wall_s += time.perf_counter() - t0
+                        last_row, sums = self.evaluation(sums), _Sums()
+                        bar.set_postfix(val_acc=f"{last_row['val_acc']:.3f}", loss=f"{last_row['train_loss']:.3f}")
+                        t0 = time.perf_counter()
+                    if self.step == self.total_steps:
+                        break
+        finally:
+            bar.close()
+        self.log.close()
+        return last_row or read_metrics(self.run_dir)[-1]  # (resumed a finished run: its last row)
 
 
 class Trajectory:
