@@ -18,7 +18,22 @@ sys.path.insert(0, str(REPO))
 from l2o_kd.stats import paired  # noqa: E402
 
 # (what the row measures, (raw rows, operator label), (raw rows, baseline label), baseline's name in the table)
-ROWS: list[tuple[str, tuple[str, str], tuple[str, str], str]] = []
+ROWS: list[tuple[str, tuple[str, str], tuple[str, str], str]] = [
+    ("`tiny`, 1,000 steps, 0–9", ("docs/es-family/t2-family/results.jsonl", "operator"), ("docs/t2-h1000/results.jsonl", "adam"), "tuned Adam"),
+    ("`tiny`, 1,000 steps, 0–9", ("docs/es-family/t2-family/results.jsonl", "operator"), ("docs/t2-h1000/results.jsonl", "sgd"), "tuned SGD+momentum"),
+    ("`tiny`, 1,000 steps, 0–9", ("docs/results/learned-operator/n2-shipped.jsonl", "operator"),
+     ("docs/results/learned-operator/n2-init-networks.jsonl", "operator@init-networks"), "its networks at initialization"),
+    ("`tiny`, 20 epochs (7,020 steps), 0–9", ("docs/t3-20ep-intel/t3i-mix/results.jsonl", "operator"), ("docs/t3-20ep-intel/t3i-adam/results.jsonl", "adam"),
+     "tuned Adam"),
+    ("`tiny_wide`, 1,000 steps, 0–9", ("docs/t5-10seeds/t5w10-mix/results.jsonl", "operator"), ("docs/t5-10seeds/t5w10-adam/results.jsonl", "adam"),
+     "tuned Adam"),
+    ("`tiny_deep`, 1,000 steps, 0–9", ("docs/t5-10seeds/t5d10-mix/results.jsonl", "operator"), ("docs/t5-10seeds/t5d10-adam/results.jsonl", "adam"),
+     "tuned Adam"),
+    ("`small`, 1,000 steps, 0–9", ("docs/t5-10seeds/t5s10-mix/results.jsonl", "operator"), ("docs/t5-10seeds/t5s10-adam/results.jsonl", "adam"),
+     "tuned Adam"),
+    ("`resnet8`, 1,000 steps, 0–9", ("docs/t5-10seeds/t5r10-mix/results.jsonl", "operator"), ("docs/t5-10seeds/t5r10-adam/results.jsonl", "adam"),
+     "tuned Adam"),
+]
 
 
 def finals(path: str, operator: str) -> dict[int, float]:

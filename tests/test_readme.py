@@ -33,3 +33,9 @@ def test_the_readme_python_block_runs_as_written_from_the_repository_root(real_c
     out = subprocess.run([sys.executable, "-c", _own_loop_block()], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "student test accuracy" in out.stdout
+
+
+def test_the_readme_results_table_is_computed_from_the_raw_rows():
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py")], capture_output=True, text=True, check=True).stdout
+    for line in out.strip().splitlines():
+        assert line in README, line
