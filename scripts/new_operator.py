@@ -1,7 +1,7 @@
 """A fresh learned operator of a given architecture, optionally with the global head (its beta, T and
 step-scale outputs and their schedule in progress) taken over from a trained operator.
 
-The per-coordinate part of a fresh operator is near zero (its read-out is initialized x0.01), so a fresh
+The per-coordinate part of a fresh operator is zero (its read-outs start at zero), so a fresh
 operator is the designed prior, per-tensor normalized momentum; with ``--head-from`` it also follows the
 trained operator's schedule of (beta_t, T_t, step scale). This is how the hierarchical operator (LSTM per
 tensor, MLP per coordinate) started from the schedule ES found for the per-coordinate LSTM:
