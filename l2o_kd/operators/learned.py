@@ -114,7 +114,7 @@ class LSTMOperatorNet(nn.Module):
             self.coord_out = nn.Linear(cfg.coord_hidden, 2)
         self.head = nn.Sequential(nn.Linear(cfg.hidden + 3, cfg.head_hidden), nn.Tanh(), nn.Linear(cfg.head_hidden, 3))
         self.schedule = nn.Linear(1, 3, bias=False)  # slopes in progress of the head's 3 outputs
-        with torch.no_grad():  # zero read-outs: at init the operator steps as its prior does (NETWORKS move nothing yet)
+        with torch.no_grad():  # zero read-outs: at init the operator steps as its prior does (the networks change nothing yet)
             self.coord_out.weight.zero_()
             self.coord_out.bias.zero_()
             self.head[-1].weight.zero_()
