@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .config import (
+    CLASSIC_OPERATORS,
     CLIP_MODES,
     DATASETS,
     ES_OBJECTIVES,
@@ -18,6 +19,7 @@ from .config import (
     LOOKAHEADS,
     META_METHODS,
     PER_COORDINATE,
+    SCHEDULES,
     SEARCH_METHODS,
     TUNE_KD_METHODS,
     CompareConfig,
@@ -66,7 +68,7 @@ def optimizer_options(lr: float, schedule: str):
             click.option("--momentum", type=float, default=T.momentum, show_default=True, help="SGD momentum."),
             click.option("--nesterov", is_flag=True),
             click.option("--weight-decay", type=float, default=T.weight_decay, show_default=True),
-            click.option("--schedule", default=schedule, show_default=True, help="constant | step | cosine | onecycle"),
+            click.option("--schedule", type=click.Choice(SCHEDULES), default=schedule, show_default=True, help="The lr schedule."),
             click.option("--lr-step-epochs", type=float, default=T.lr_step_epochs, show_default=True, help="step schedule: period in epochs."),
             click.option("--lr-gamma", type=float, default=T.lr_gamma, show_default=True, help="step schedule: factor per period."),
             click.option("--augment", is_flag=True, help="Random crop (pad 4) and horizontal flip."),
@@ -94,7 +96,7 @@ def _train_config(kw: dict, **fixed):
     if learned and given(["operator"]):
         raise UserError(f"--optimizer {learned} replaces --operator: give one of them")
     kw["operator"] = learned or kw["operator"]
-    if kw["operator"].endswith(".pt") and given(LEARNED_DECIDES):
+    if kw["operator"] not in CLASSIC_OPERATORS and given(LEARNED_DECIDES):
         flags = ", ".join("--" + k.replace("_", "-") for k in given(LEARNED_DECIDES))
         raise UserError(f"the learned operator {kw['operator']} chooses its own steps and (beta, T): drop {flags}")
     resume = kw.pop("resume")
@@ -157,7 +159,7 @@ def student_options(f):
                      help="extrapolate-periodic: steps per cycle following the line."),
         click.option("--bn-updates", type=int, default=T.bn_updates, show_default=True,
                      help="Extra train-mode forwards of each training batch that only move BatchNorm statistics (the side effect "
-                          "of the released greedy code's 3 extra forwards; for the confound experiment of docs/RESULTS.md)."),
+                          "of the released greedy code's 3 extra forwards; for the confound experiment of docs/results/paper-reproduction.md)."),
     ]
     f = optimizer_options(lr=T.lr, schedule=T.schedule)(training_options(f))
     for option in reversed(options):
@@ -282,7 +284,7 @@ def meta_train_cmd(threads, resume, no_progress, **kw):
               help="KD-tuning operators (greedy): J a as a forward difference (one forward) or exactly (forward mode, slower).")
 @click.option("--batch-size", type=int, default=C.batch_size, show_default=True)
 @click.option("--momentum", type=float, default=C.momentum, show_default=True, help="SGD momentum.")
-@click.option("--schedule", default=C.schedule, show_default=True, help="lr schedule of the classic operators: constant | step | cosine | onecycle.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=C.schedule, show_default=True, help="lr schedule of the classic operators.")
 @click.option("--lr", "lr_items", multiple=True, help="Fix a base operator's lr, e.g. --lr sgd=0.1 (not tuned then).")
 @click.option("--tune-lr", type=int, default=C.tune_lr, show_default=True, help="Tune classic lrs over a log grid of N values on validation.")
 @click.option("--tune-step", type=int, default=C.tune_step, show_default=True,

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from . import seeds as seed_ranges
 from .checkpoint import save_atomic_text
-from .config import GREEDY_METHODS, TUNE_KD_METHODS, CompareConfig, TrainConfig, without_later_defaults
+from .config import GREEDY_METHODS, TUNE_KD_METHODS, CompareConfig, TrainConfig
 from .errors import Diverged, UserError
 from .fingerprint import check_fingerprint, file_digest
 from .operators import CLASSIC
@@ -50,15 +50,13 @@ from .stats import paired
 from .teacher import teacher_path
 from .train import Trajectory, run_length, train
 
-DEFAULT_LR = {"sgd": 0.03, "adam": 3e-3, "adamw": 3e-3}  # tuned on validation for `tiny` with KD (docs/RESULTS.md)
+DEFAULT_LR = {"sgd": 0.03, "adam": 3e-3, "adamw": 3e-3}  # tuned on validation for `tiny` with KD (docs/results/learned-vs-tuned.md)
 RESULTS, FAILURES, SUMMARY, TUNING = "results.jsonl", "failures.jsonl", "summary.md", "tuning.json"
 LEARNED = "learned_operators.json"  # {label: content digest} of the learned operators a folder ran
 TUNE_SEED = seed_ranges.tuning_seed(0)  # the student of every lr-tuning run
 # CompareConfig fields that decide a cell's result (with the resolved steps and the teacher's digest)
-DECISIVE = ("student", "dataset", "beta", "temperature", "kd_form", "hyper_clip_mode", "hyper_lookahead", "batch_size", "momentum", "schedule", "lrs", "tune_lr", "tune_steps", "evals")
-# ... and those added later, with the value that folders made before them implicitly had (hyper_jvp: its
-# default before the forward difference became it, not today's)
-LATER = {"hyper_jvp": TrainConfig.LATER["hyper_jvp"], "kd_grid": [], "tune_step": 0}
+DECISIVE = ("student", "dataset", "beta", "temperature", "kd_form", "hyper_clip_mode", "hyper_lookahead", "hyper_jvp", "batch_size",
+            "momentum", "schedule", "lrs", "tune_lr", "tune_steps", "tune_step", "kd_grid", "evals")
 
 
 @dataclass(frozen=True)
@@ -73,24 +71,22 @@ class OperatorSpec:
 
     @property
     def learned(self) -> bool:
-        return self.base.endswith(".pt")
+        return self.base not in CLASSIC
 
     @classmethod
     def parse(cls, spec: str) -> OperatorSpec:
         spec = spec.strip()
-        if spec.startswith("ckpt:") or spec.endswith(".pt"):
+        if spec.startswith("ckpt:"):
             path, variant = spec.removeprefix("ckpt:"), None
-            from .operators.learned import VARIANTS, load_operator, step_factor
+            from .operators.learned import load_operator, step_factor
 
-            if not path.endswith(".pt"):
+            if not Path(path).is_file() and "@" in path:
                 path, _, variant = path.rpartition("@")
-                if not path.endswith(".pt"):
-                    raise UserError(f"{spec!r}: a learned operator is ckpt:PATH.pt or ckpt:PATH.pt@VARIANT, VARIANT one of {', '.join(VARIANTS)}")
                 try:
                     step_factor(variant)  # a bad variant fails here
                 except UserError as exc:
                     raise UserError(f"{spec!r}: {exc}") from None
-            load_operator(path)  # a missing or wrong checkpoint fails here, before any run
+            load_operator(path)  # a missing file, or one that holds no operator (its kind), fails here, before any run
             return cls(label=Path(path).stem + (f"@{variant}" if variant else ""), base=path, variant=variant)
         base, _, method = spec.partition("+")
         if base not in CLASSIC:
@@ -124,7 +120,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     has_results = (out / RESULTS).exists() or (out / TUNING).exists()
     ran = read_results(out)
     greedy_ran = any(_takes_greedy_steps(r["operator"]) for r in ran)
-    check_fingerprint(out, decisive_config(cfg, specs, steps), "compare folder", has_results, implied=LATER,
+    check_fingerprint(out, decisive_config(cfg, specs, steps), "compare folder", has_results,
                       free=() if greedy_ran else ("hyper_jvp",))
     check_learned_operators(out, specs)
     specs = [materialize_variant(s, out / "operators") for s in specs]
@@ -174,8 +170,7 @@ def decisive_config(cfg: CompareConfig, specs: list[OperatorSpec], steps: int) -
     the target, device, progress, output and trajectory points."""
     wants_kd = cfg.beta > 0 or any(beta > 0 for beta, _ in cfg.kd_grid) or any(s.tune_kd or s.learned for s in specs)
     teacher = file_digest(teacher_path(cfg.teacher)) if wants_kd else None
-    decisive = {k: getattr(cfg, k) for k in (*DECISIVE, *LATER)}
-    return {**without_later_defaults(decisive, LATER), "steps": steps, "teacher": teacher}
+    return {**{k: getattr(cfg, k) for k in DECISIVE}, "steps": steps, "teacher": teacher}
 
 
 def _takes_greedy_steps(label: str) -> bool:

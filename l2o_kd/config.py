@@ -1,19 +1,23 @@
 """The configuration of every command, as dataclasses: each default is declared here once, saved in
 every run and checkpoint (``asdict``), and read by the command line for its flags.
 
-This module imports no torch, so ``l2o-kd --help`` stays fast; ``validate`` imports what it checks.
+This module imports no torch and, of the package, only its leaves (``errors``, ``seeds``, ``device``), so
+``l2o-kd --help`` stays fast and every other module may read its choices. The names of models are the
+registry's (``models.MODELS``): the commands check them where they build one.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 from . import seeds as seed_ranges
+from .device import check_device
 from .errors import UserError
 
+CLASSIC_OPERATORS = ("sgd", "adam", "adamw")  # --operator; any other value is a learned-operator checkpoint
+SCHEDULES = ("constant", "step", "cosine", "onecycle")  # --schedule (operators/schedules.py)
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")  # --dataset (data.py; imagefolder: any folder of class folders)
 KD_FORMS = ("hinton", "paper", "reverse")  # the KD loss convention: T^2 KL(t||s), KL(t||s) or KL(s||t) (distill.py)
 CLIP_MODES = ("norm", "value")  # how the hypergradient is clipped (hypergrad.py)
@@ -28,13 +32,6 @@ ES_OBJECTIVES = ("ce", "error")  # meta-train --es-objective
 def check_choice(flag: str, value: str, choices) -> None:
     if value not in choices:
         raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def without_later_defaults(d: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
-    """``d`` without the fields added after runs were first saved (``later``: name -> the default the
-    older runs implicitly had) where they hold that default, so that older runs' fingerprints still match."""
-    same = lambda a, b: json.dumps(a, default=str) == json.dumps(b, default=str)  # as fingerprints compare (a tuple is a list)
-    return {k: v for k, v in d.items() if not (k in later and same(v, later[k]))}
 
 
 def parse_seeds(text: str, flag: str) -> list[int]:
@@ -100,10 +97,6 @@ class TrainConfig:
         "runs_dir", "run_name", "progress", "tensorboard", "device", "eval_every", "log_every", "hist_every", "trajectory_every",
         "eval_at_start", "data_root", "download"})
 
-    # Fields added after runs were first saved, with the value the older runs implicitly had (for
-    # hyper_jvp not today's default: "exact" was the default before "difference").
-    LATER: ClassVar[dict[str, Any]] = {"bn_updates": 0, "hyper_jvp": "exact", "init": None}
-
     HYPER: ClassVar[frozenset[str]] = frozenset({
         "hyper_lr", "hyper_clip", "hyper_clip_mode", "hyper_lookahead", "hyper_jvp", "hyper_every", "hyper_unroll", "extrapolate_after",
         "periodic_greedy", "periodic_follow"})
@@ -119,27 +112,25 @@ class TrainConfig:
             unused.add("hyper_jvp")
         if self.schedule != "step":
             unused |= {"lr_step_epochs", "lr_gamma"}
-        decisive = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
-        return without_later_defaults(decisive, self.LATER)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """A saved config; the :data:`LATER` fields it lacks take the value they had when it was saved."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{**cls.LATER, **{k: v for k, v in d.items() if k in names}})
+        """A saved config (``asdict``, with any extra keys a run records beside it); one made by a version
+        with other fields is refused with one line naming the first field that differs."""
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in d]
+        if missing:
+            raise UserError(f"this run's config has no field {missing[0]!r}: it was saved by another version of l2o-kd")
+        return cls(**{n: d[n] for n in names})
 
     def validate(self, check_operator: bool = True) -> None:
-        from .device import check_device
-        from .models import MODELS
-        from .operators import CLASSIC, Schedule
-
-        if self.model not in MODELS:
-            raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
         if not 0.0 <= self.beta <= 1.0:
             raise UserError(f"--beta must lie in [0, 1], got {self.beta}")
         if not self.temperature > 0:
             raise UserError(f"--temperature must be positive, got {self.temperature}")
         check_choice("--kd-form", self.kd_form, KD_FORMS)
+        check_choice("--schedule", self.schedule, SCHEDULES)
         check_choice("--hyper-clip-mode", self.hyper_clip_mode, CLIP_MODES)
         check_choice("--hyper-lookahead", self.hyper_lookahead, LOOKAHEADS)
         check_choice("--hyper-jvp", self.hyper_jvp, HYPER_JVPS)
@@ -157,17 +148,17 @@ class TrainConfig:
             raise UserError(f"--bn-updates must be non-negative, got {self.bn_updates}")
         if self.learned and self.tune_kd:
             raise UserError(f"--tune-kd {self.tune_kd}: the learned operator {self.operator} chooses its own (beta, T)")
-        if check_operator and self.operator not in CLASSIC and not self.learned:
-            raise UserError(f"unknown operator {self.operator!r}: use {', '.join(CLASSIC)} or a learned-operator checkpoint (.pt)")
+        if check_operator and self.learned and not Path(self.operator).is_file():
+            raise UserError(f"unknown operator {self.operator!r}: use {', '.join(CLASSIC_OPERATORS)} or a learned-operator checkpoint (file not found)")
         if self.init and not Path(self.init).is_file():
             raise UserError(f"--init: checkpoint not found: {self.init}")
         check_device(self.device)
-        Schedule(self.schedule, step_size=1)  # validates the name
 
     @property
     def learned(self) -> bool:
-        """A learned operator (a checkpoint) chooses its own steps and (beta, T)."""
-        return self.operator.endswith(".pt")
+        """A learned operator chooses its own steps and (beta, T): ``operator`` names a checkpoint (whose
+        kind, ``operator``, is checked when it is loaded) rather than a classic operator."""
+        return self.operator not in CLASSIC_OPERATORS
 
     @property
     def name(self) -> str:
@@ -208,9 +199,7 @@ class CompareConfig:
 
     def validate(self) -> None:
         """Everything but the operators (``compare.parse_specs`` checks those)."""
-        from .operators import CLASSIC, Schedule
-
-        Schedule(self.schedule, step_size=1)  # validates the name
+        check_choice("--schedule", self.schedule, SCHEDULES)
         check_choice("--kd-form", self.kd_form, KD_FORMS)
         check_choice("--hyper-clip-mode", self.hyper_clip_mode, CLIP_MODES)
         check_choice("--hyper-lookahead", self.hyper_lookahead, LOOKAHEADS)
@@ -224,8 +213,8 @@ class CompareConfig:
                 raise UserError(f"--tune-kd-grid: each pair is BETA:T with 0 <= BETA <= 1 and 0 < T < inf, got {pair}")
         seed_ranges.check(range(self.seeds), "evaluation", "--seeds")
         for name, lr in self.lrs.items():
-            if name not in CLASSIC or not lr > 0:
-                raise UserError(f"--lr {name}={lr}: give a positive lr for one of {', '.join(CLASSIC)}")
+            if name not in CLASSIC_OPERATORS or not lr > 0:
+                raise UserError(f"--lr {name}={lr}: give a positive lr for one of {', '.join(CLASSIC_OPERATORS)}")
 
 
 SEARCH_METHODS = ("random", "tpe")  # how l2o-kd search draws (beta, T)
@@ -315,14 +304,10 @@ class MetaConfig:
     NOT_DECISIVE: ClassVar[frozenset[str]] = frozenset({"runs_dir", "run_name", "out", "progress", "device", "data_root", "meta_steps", "minutes"})
 
     def decisive(self) -> dict[str, Any]:
-        decisive = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.NOT_DECISIVE}
-        return without_later_defaults(decisive, {"normalize_update": False, "per_coordinate": "lstm", "rms_floor": 0.0,
-                                                  "val_students": "tiny", "vmap": False})
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.NOT_DECISIVE}
 
     def validate(self) -> None:
-        from .device import check_device
-        from .models import build_model
-
+        """Everything but the students' names (meta-training checks those against ``models.MODELS``)."""
         if self.unroll < 1 or self.meta_steps < 1 or self.validate_every < 1:
             raise UserError("--unroll, --meta-steps and --validate-every must be positive")
         if not self.meta_lr > 0:
@@ -338,8 +323,6 @@ class MetaConfig:
         check_choice("--per-coordinate", self.per_coordinate, PER_COORDINATE)
         if not self.rms_floor >= 0:
             raise UserError(f"--rms-floor must be >= 0, got {self.rms_floor}")
-        for s in self.students.split(",") + self.val_student_list:
-            build_model(s)
         seed_ranges.check(self.val_seed_list, "meta-validation", "--val-seeds")
         check_device(self.device)
 

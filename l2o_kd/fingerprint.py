@@ -40,20 +40,18 @@ def record_fingerprint(folder: str | Path, decisive: dict[str, Any]) -> None:
     save_atomic_text(json.dumps(_canonical(decisive), indent=2, sort_keys=True) + "\n", Path(folder) / FILE)
 
 
-def differences(now: dict[str, Any], then: dict[str, Any], implied: dict[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
-    """``(key, now, then)`` for every key whose value differs between two fingerprints. A key that one
-    of them lacks takes its value in ``implied`` (a field added after fingerprints were first saved,
-    with the value it implicitly had: see :func:`l2o_kd.config.without_later_defaults`), else None."""
-    implied = _canonical(implied or {})
-    now, then = {**implied, **_canonical(now)}, {**implied, **_canonical(then)}
+def differences(now: dict[str, Any], then: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, now, then)`` for every key whose value differs between two fingerprints (a key that one
+    of them lacks is None there)."""
+    now, then = _canonical(now), _canonical(then)
     return [(k, now.get(k), then.get(k)) for k in sorted(now.keys() | then.keys()) if now.get(k) != then.get(k)]
 
 
 def check_fingerprint(folder: str | Path, decisive: dict[str, Any], what: str, has_results: bool = False,
-                      implied: dict[str, Any] | None = None, free: tuple[str, ...] = ()) -> None:
+                      free: tuple[str, ...] = ()) -> None:
     """Record ``decisive`` in ``folder/fingerprint.json``, or check it against the recorded one.
 
-    Raises UserError naming the first keys that differ (:func:`differences`, with ``implied``); ``what``
+    Raises UserError naming the first keys that differ (:func:`differences`); ``what``
     names the folder's kind in the message (e.g. "compare folder"). Keys in ``free`` decide none of the
     folder's results yet (a setting that only some operators read, none of which has a result there):
     they are not compared, and the record takes their new value. A folder that ``has_results`` but no
@@ -64,7 +62,7 @@ def check_fingerprint(folder: str | Path, decisive: dict[str, Any], what: str, h
             raise UserError(f"{folder} holds a {what} made before configurations were fingerprinted: use another output folder")
         record_fingerprint(folder, decisive)
         return
-    everything = differences(decisive, json.loads(path.read_text()), implied)
+    everything = differences(decisive, json.loads(path.read_text()))
     diff = [d for d in everything if d[0] not in free]
     if everything and not diff:
         record_fingerprint(folder, decisive)

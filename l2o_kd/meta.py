@@ -54,7 +54,7 @@ from .errors import Diverged, UserError
 from .estimators import ES, PES, TBPTT, GradientEstimator, TruncationSchedule
 from .fingerprint import FILE as FINGERPRINT
 from .fingerprint import check_fingerprint, file_digest, record_fingerprint
-from .models import apply, build_model, split_state
+from .models import apply, build_model, check_model, split_state
 from .operators import Adam, Operator
 from .operators.learned import LSTMOperator, LSTMOperatorConfig, LSTMOperatorNet, load_operator
 from .runlog import RunLog
@@ -288,6 +288,8 @@ class MetaTraining:
 
     def __init__(self, cfg: MetaConfig, resume: bool, splits: Splits | None, dist: Dist | None):
         cfg.validate()
+        for student in cfg.students.split(",") + cfg.val_student_list:
+            check_model(student)
         self.cfg, self.dist, self.main = cfg, dist, dist is None or dist.main
         self.run_dir = Path(cfg.runs_dir) / cfg.run_name
         self.state_path = self.run_dir / "meta_checkpoint.pt"

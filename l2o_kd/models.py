@@ -9,7 +9,7 @@
 
 Every model runs its convolutions on channels-last activations (:data:`MEMORY_FORMAT`): the same
 function, on a 2-core CPU forward passes 1.3-2.0x and forward+backward 1.0-1.4x faster (max-pooling alone
-3-10x), measured in docs/RESULTS.md. Only the float rounding differs from channels-first (~1e-6 relative
+3-10x), measured in docs/results/step-cost.md. Only the float rounding differs from channels-first (~1e-6 relative
 in the logits; teacher logits cached by an older version were computed channels-first).
 """
 
@@ -155,10 +155,15 @@ STUDENTS = ("tiny", "tiny_wide", "tiny_narrow", "tiny_deep", "small", "resnet8")
 CHEAP_STUDENTS = ("cnn16", "cnn16_wide", "mlp8", "mlp16")
 
 
-def build_model(name: str, seed: int | None = None, num_classes: int = 10) -> nn.Module:
-    """A fresh model with ``num_classes`` outputs; with ``seed`` its initialization is reproducible."""
+def check_model(name: str) -> None:
+    """One line naming the models when ``name`` is not one of them."""
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+
+
+def build_model(name: str, seed: int | None = None, num_classes: int = 10) -> nn.Module:
+    """A fresh model with ``num_classes`` outputs; with ``seed`` its initialization is reproducible."""
+    check_model(name)
     if seed is None:
         return MODELS[name](num_classes)
     with torch.random.fork_rng(devices=[]):

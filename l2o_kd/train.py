@@ -25,7 +25,7 @@ from .distributed import Dist, cross_rank_batchnorm
 from .errors import Diverged, UserError
 from .fingerprint import differences, file_digest
 from .hypergrad import Batches
-from .models import apply, build_model, split_state
+from .models import apply, build_model, check_model, split_state
 from .operators import Operator, Schedule, StepContext, classic_operator, global_norm
 from .runlog import RunLog, read_metrics
 from .step import training_step
@@ -61,7 +61,7 @@ def evaluate(model, params, buffers, loader: BatchLoader, dist: Dist | None = No
 
 
 def build_operator(cfg: TrainConfig, steps_per_epoch: int, total_steps: int, device: str) -> Operator:
-    if cfg.operator.endswith(".pt"):
+    if cfg.learned:
         from .operators.learned import load_operator
 
         return load_operator(cfg.operator, device=device)
@@ -97,10 +97,11 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, dict | None]
     return run_dir, ckpt_io.load_checkpoint(path, kind="model")
 
 
-def run_fingerprint(cfg: TrainConfig, teacher_file: Path | None) -> dict[str, Any]:
+def run_fingerprint(cfg: TrainConfig, teacher_file: Path | None, operator_given: bool = False) -> dict[str, Any]:
     """What decides the run's result: its decisive config, with the teacher, a learned operator and the
-    initial weights by content (their paths do not matter, their bytes do)."""
-    learned = file_digest(cfg.operator) if cfg.learned else None
+    initial weights by content (their paths do not matter, their bytes do). An operator object given to
+    the run (``operator_given``, e.g. one being meta-trained) enters by its label, ``cfg.operator``."""
+    learned = file_digest(cfg.operator) if cfg.learned and not operator_given else None
     fingerprint = {**cfg.decisive(), "operator": learned or cfg.operator, "teacher": file_digest(teacher_file)}
     if cfg.init:
         fingerprint["init"] = file_digest(cfg.init)
@@ -117,21 +118,12 @@ def initial_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
 
 
 def _check_resume(ck: dict, fingerprint: dict[str, Any], run_dir: Path) -> None:
-    """Refuse to continue a run whose result-deciding configuration differs from this one. A checkpoint
-    saved before fingerprints existed gets one rebuilt from its config (fields it lacks take the value
-    they had then, :data:`TrainConfig.LATER`, or their defaults; its teacher and operator files by
-    their content now, when they still exist)."""
+    """Refuse to continue a run whose result-deciding configuration differs from this one (or that
+    records none: it was saved by a version of l2o-kd without fingerprints)."""
     saved = ck["config"].get("fingerprint")
     if saved is None:
-        old, teacher = TrainConfig.from_dict(ck["config"]), ck["config"].get("teacher_path")
-        saved = run_fingerprint(old, teacher if teacher and Path(teacher).is_file() else None)
-        if old.learned and not Path(old.operator).is_file():
-            saved["operator"] = fingerprint["operator"]  # gone: nothing to compare it with
-    # A key that only the saved run has counts if it is one of the LATER fields (a run with --bn-updates 3
-    # resumed without it); any other such key is dropped by today's decisive() as unused (then a key
-    # both have differs, e.g. tune_kd) or was recorded by an older version that kept unused fields.
-    known = fingerprint.keys() | TrainConfig.LATER.keys()
-    diff = differences(fingerprint, {k: v for k, v in saved.items() if k in known}, TrainConfig.LATER)
+        raise UserError(f"--resume: the run in {run_dir} records no fingerprint of its configuration: start it again under another --run-name")
+    diff = differences(fingerprint, saved)
     if diff:
         both = fingerprint.keys() & saved.keys()
         key, now, then = min(diff, key=lambda d: d[0] not in both)  # one both runs name, if any
@@ -159,6 +151,7 @@ class TrainingRun:
 
     def __init__(self, cfg: TrainConfig, resume: bool, splits: Splits | None, operator: Operator | None, dist: Dist | None):
         cfg.validate(check_operator=operator is None)
+        check_model(cfg.model)
         self.cfg, self.dist, self.main = cfg, dist, dist is None or dist.main
         dev = self.device = dist.device if dist else cfg.device
         self.run_dir, ck = _prepare_run_dir(cfg, resume)
@@ -175,7 +168,7 @@ class TrainingRun:
             raise UserError("--tune-kd is not supported under torchrun yet: run hypergradient tuning in one process")
         teacher_file = resolve_teacher(cfg, self.operator)
         self.teacher = Teacher(teacher_file, splits, cfg.augment, dev, progress=cfg.progress and self.main) if teacher_file else None
-        fingerprint = run_fingerprint(cfg, teacher_file)
+        fingerprint = run_fingerprint(cfg, teacher_file, operator_given=operator is not None)
         self.state = self.operator.init(self.params)
         self.step, self.wall_s, self.resumed = 0, 0.0, ck is not None
         if ck is not None:

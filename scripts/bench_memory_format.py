@@ -1,6 +1,6 @@
 """Channels-first vs channels-last activations (``l2o_kd.models.MEMORY_FORMAT``): the students' and
 teacher's forward and forward+backward time in one process, and how far their logits differ. Not a
-test: a measurement (docs/RESULTS.md).
+test: a measurement (docs/results/step-cost.md).
 
     python scripts/bench_memory_format.py [--threads 2] [--models tiny,small,resnet8,resnet20] [--batch-size 128]
 """

@@ -14,7 +14,7 @@ weights, one more forward of the training batch: J a by forward difference), so 
 "greedy floor / SGD" is what the hypergradient costs beyond them.
 
     python scripts/bench_operators.py [--operators sgd,adam,sgd+greedy,ckpt:checkpoints/operator.pt] \
-        [--students tiny,small,resnet8] [--threads 2] [--device cpu] [--append docs/RESULTS.md]
+        [--students tiny,small,resnet8] [--threads 2] [--device cpu] [--append docs/results/step-cost.md]
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hyper-jvp", choices=HYPER_JVPS, default=TrainConfig.hyper_jvp, help="how greedy operators form J a")
-    ap.add_argument("--append", default=None, help="also append the table to this markdown file (e.g. docs/RESULTS.md)")
+    ap.add_argument("--append", default=None, help="also append the table to this markdown file (e.g. docs/results/step-cost.md)")
     ap.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # STUDENT:OPERATOR, internal: one cell in a fresh process
     args = ap.parse_args()
     if args.threads:

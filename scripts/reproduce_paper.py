@@ -15,7 +15,7 @@ l2o_kd/hypergrad.py): KD loss (1-β) CE + β KL (no T²), each hypergradient com
 [-0.01, 0.01], look-ahead at the base lr with the hypergradient scaled by current / base lr, and
 ``extrapolate`` periodic (10 greedy steps, a line fitted to them, 90 steps on the line, repeated). The
 ``lstm`` row keeps the convention its operator was meta-trained with (hinton). Both protocols form the
-greedy hypergradient's J a exactly (``hyper_jvp="exact"``, as their recorded rows in docs/RESULTS.md were
+greedy hypergradient's J a exactly (``hyper_jvp="exact"``, as their recorded rows in docs/results/paper-reproduction.md were
 made; l2o-kd's default is the forward difference).
 
     python scripts/reproduce_paper.py --data-root ../shared/data/cifar10-jpeg.tar.gz --protocol paper \

@@ -224,25 +224,20 @@ def test_a_rerun_that_changes_the_decisive_configuration_is_refused(tmp_path, te
 
 
 def test_hyper_jvp_binds_a_compare_folder_once_a_greedy_cell_has_run(tmp_path, teacher_ckpt):
-    """Until session 18 greedy's J a was exact and fingerprints omitted hyper_jvp at that value: a
-    folder's missing hyper_jvp reads as exact. It decides only the greedy cells, so a folder without
-    greedy results takes any value (and records it); one with greedy results refuses another."""
+    """hyper_jvp decides only the greedy cells: a folder without greedy results takes any value (and
+    records it); one with greedy results refuses another; a folder whose fingerprint lacks a field (made
+    by another version) is refused naming it."""
     kw = dict(operators="sgd", seeds=1, steps=4, evals=1)
     fp = tmp_path / "cmp" / "fingerprint.json"
-
-    def as_before_session_18():
-        fp.write_text(json.dumps({k: v for k, v in json.loads(fp.read_text()).items() if k != "hyper_jvp"}))
-
-    compare(_cfg(tmp_path, teacher_ckpt, **kw))
-    as_before_session_18()
+    compare(_cfg(tmp_path, teacher_ckpt, **kw, hyper_jvp="exact"))
     compare(_cfg(tmp_path, teacher_ckpt, **{**kw, "operators": "sgd,sgd+greedy"}))  # no greedy cell had run: accepted
     assert json.loads(fp.read_text())["hyper_jvp"] == "difference"
     with pytest.raises(UserError, match="another configuration: hyper_jvp is 'exact' but was 'difference'"):
         compare(_cfg(tmp_path, teacher_ckpt, **kw, hyper_jvp="exact"))
-    as_before_session_18()
-    with pytest.raises(UserError, match="another configuration: hyper_jvp is 'difference' but was 'exact'"):
+    compare(_cfg(tmp_path, teacher_ckpt, **kw))
+    fp.write_text(json.dumps({k: v for k, v in json.loads(fp.read_text()).items() if k != "tune_step"}))
+    with pytest.raises(UserError, match="another configuration: tune_step is 0 but was None"):
         compare(_cfg(tmp_path, teacher_ckpt, **kw))
-    compare(_cfg(tmp_path, teacher_ckpt, **kw, hyper_jvp="exact"))
 
 
 def _save_operator(path: Path, seed: int) -> None:

@@ -443,28 +443,16 @@ def test_kd_form_and_paper_protocol_travel_through_cli_config_checkpoint_and_res
         train(dataclasses.replace(hinton, kd_form="paper"), resume=True)
 
 
-@pytest.mark.parametrize("fingerprinted", [True, False], ids=["fingerprint", "before-fingerprints"])
-def test_a_greedy_run_saved_when_exact_was_the_default_resumes_only_as_exact(tmp_path, teacher_ckpt, fingerprinted):
-    """Until session 18 greedy formed J a exactly and saved configs had no hyper_jvp (nor, at the
-    default, their fingerprints). Such a run, with a fingerprint or from before fingerprints (rebuilt
-    from its config), is refused under today's default naming the value it had, and resumes with
-    exact; a run of today's default is refused with exact (a key only the saved run records counts,
-    if it is one of TrainConfig.LATER: an unused field recorded by an older version does not)."""
+def test_a_greedy_run_resumes_only_with_the_hyper_jvp_it_used(tmp_path, teacher_ckpt):
+    """hyper_jvp decides a greedy run (not an unrolled one); a run saved with exact is refused under the
+    default naming the value it had, and resumes with exact; a checkpoint with no fingerprint (another
+    version's) is refused in one line."""
     cfg = TrainConfig(model="tiny", teacher=str(teacher_ckpt), tune_kd="greedy", steps=2, lr=0.05, runs_dir=str(tmp_path), run_name="old",
                       tensorboard=False, **FAST)
     exact = dataclasses.replace(cfg, hyper_jvp="exact")
-    assert cfg.hyper_jvp == "difference" and TrainConfig.from_dict({"model": "tiny"}).hyper_jvp == "exact"
+    assert cfg.hyper_jvp == "difference" and cfg.decisive()["hyper_jvp"] == "difference"
     assert "hyper_jvp" not in dataclasses.replace(cfg, tune_kd="unrolled").decisive()  # unrolled does not read it
     train(exact)
-    path = tmp_path / "old" / "checkpoint.pt"
-    ck = load_checkpoint(path)
-    assert "hyper_jvp" not in ck["config"]["fingerprint"]
-    del ck["config"]["hyper_jvp"]
-    if fingerprinted:
-        ck["config"]["fingerprint"]["extrapolate_after"] = 0.5  # as versions that kept unused fields recorded it
-    else:
-        del ck["config"]["fingerprint"]
-    save_atomic({**ck, "digest": digest(ck)}, path)
     with pytest.raises(UserError, match="--resume: hyper_jvp is 'difference' but the run in .* used 'exact'"):
         train(cfg, resume=True)
     assert train(exact, resume=True)["step"] == 2
@@ -473,6 +461,12 @@ def test_a_greedy_run_saved_when_exact_was_the_default_resumes_only_as_exact(tmp
         train(dataclasses.replace(exact, run_name="new"), resume=True)
     with pytest.raises(UserError, match="--resume: tune_kd is None but the run in"):  # not one of the hyper fields it implies
         train(dataclasses.replace(cfg, run_name="new", tune_kd=None), resume=True)
+    path = tmp_path / "old" / "checkpoint.pt"
+    ck = load_checkpoint(path)
+    del ck["config"]["fingerprint"]
+    save_atomic({**ck, "digest": digest(ck)}, path)
+    with pytest.raises(UserError, match="records no fingerprint"):
+        train(exact, resume=True)
 
 
 def test_compare_cells_get_the_kd_form_and_the_periodic_method(tmp_path):

@@ -220,8 +220,9 @@ def test_meta_validation_on_several_students_runs_every_seed_on_each(tmp_path, t
     assert both["lstm_val_acc"] == pytest.approx((alone["tiny"]["lstm_val_acc"] + alone["tiny_narrow"]["lstm_val_acc"]) / 2, abs=1e-12)
     assert both["adam_val_acc"] == pytest.approx((alone["tiny"]["adam_val_acc"] + alone["tiny_narrow"]["adam_val_acc"]) / 2, abs=1e-12)
     assert "lstm_val_acc_tiny" not in alone["tiny"]
-    with pytest.raises(UserError, match="unknown model 'nope'"):
-        MetaConfig(val_students="tiny,nope", **kw).validate()
+    with pytest.raises(UserError, match="unknown model 'nope'"):  # before any run, or any file
+        meta.meta_train(MetaConfig(val_students="tiny,nope", runs_dir=str(tmp_path / "nope"), **kw), splits=splits)
+    assert not (tmp_path / "nope").exists()
 
 
 def test_vmap_es_meta_training_takes_the_meta_steps_of_the_loop(tmp_path, teacher_ckpt):

@@ -3,11 +3,10 @@ learned LSTM operator (``learned``)."""
 
 from __future__ import annotations
 
+from ..config import CLASSIC_OPERATORS as CLASSIC
 from .base import KDChoice, Operator, Params, State, StepContext, global_norm
 from .classic import SGD, Adam
 from .schedules import SCHEDULES, Schedule
-
-CLASSIC = ("sgd", "adam", "adamw")
 
 __all__ = ["CLASSIC", "SCHEDULES", "SGD", "Adam", "KDChoice", "Operator", "Params", "Schedule", "State", "StepContext", "classic_operator", "global_norm"]
 

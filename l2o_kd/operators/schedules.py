@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..config import SCHEDULES
 from ..errors import UserError
-
-SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
 
 @dataclass
