@@ -21,6 +21,7 @@ from .config import (
     PER_COORDINATE,
     SCHEDULES,
     SEARCH_METHODS,
+    TEACHER_RECIPE,
     TUNE_KD_METHODS,
     CompareConfig,
     MetaConfig,
@@ -81,13 +82,6 @@ def optimizer_options(lr: float, schedule: str):
     return deco
 
 
-# Flags a learned operator decides for itself (its steps, (beta, T), the KD convention it was
-# meta-trained with): given with one, they would be silently ignored.
-LEARNED_DECIDES = ("lr", "momentum", "nesterov", "weight_decay", "schedule", "lr_step_epochs", "lr_gamma", "beta", "temperature", "kd_form",
-                   "tune_kd", "hyper_lr", "hyper_clip", "hyper_clip_mode", "hyper_lookahead", "hyper_jvp", "hyper_every", "hyper_unroll", "extrapolate_after",
-                   "periodic_greedy", "periodic_follow")
-
-
 def _train_config(kw: dict, **fixed):
     kw = {**kw, **fixed}
     ctx = click.get_current_context()
@@ -96,8 +90,9 @@ def _train_config(kw: dict, **fixed):
     if learned and given(["operator"]):
         raise UserError(f"--optimizer {learned} replaces --operator: give one of them")
     kw["operator"] = learned or kw["operator"]
-    if kw["operator"] not in CLASSIC_OPERATORS and given(LEARNED_DECIDES):
-        flags = ", ".join("--" + k.replace("_", "-") for k in given(LEARNED_DECIDES))
+    decided = given(sorted(T.LEARNED_DECIDES))
+    if kw["operator"] not in CLASSIC_OPERATORS and decided:
+        flags = ", ".join("--" + k.replace("_", "-") for k in decided)
         raise UserError(f"the learned operator {kw['operator']} chooses its own steps and (beta, T): drop {flags}")
     resume = kw.pop("resume")
     kw["progress"] = not kw.pop("no_progress")
@@ -118,12 +113,12 @@ def cli():
 
 
 @cli.command("train-teacher")
-@click.option("--model", default="resnet20", show_default=True, help="resnet20 | resnet56 (any registered model works)")
-@optimizer_options(lr=0.2, schedule="onecycle")
+@click.option("--model", default=TEACHER_RECIPE["model"], show_default=True, help="resnet20 | resnet56 (any registered model works)")
+@optimizer_options(lr=TEACHER_RECIPE["lr"], schedule=TEACHER_RECIPE["schedule"])
 @training_options
 def train_teacher(**kw):
     """Train a teacher with cross-entropy (no KD); its checkpoint.pt is usable as --teacher."""
-    cfg, resume = _train_config(kw, operator="sgd", beta=0.0)
+    cfg, resume = _train_config(kw, operator=TEACHER_RECIPE["operator"], beta=TEACHER_RECIPE["beta"])
     from .train import train
 
     _print_row(train(cfg, resume=resume))

@@ -409,32 +409,22 @@ def _run_config(
 ) -> TrainConfig:
     """The run of one cell (or tuning candidate); ``kd``: its fixed (β, T) instead of the folder's."""
     evals = evals or cfg.evals
+    beta, temperature = (cfg.beta, cfg.temperature) if kd is None else kd
     return TrainConfig(
+        **{name: getattr(cfg, name) for name in CompareConfig.RUN_FIELDS},
         model=cfg.student,
-        dataset=cfg.dataset,
-        data_root=cfg.data_root,
-        teacher=cfg.teacher,
-        beta=cfg.beta if kd is None else kd[0],
-        temperature=cfg.temperature if kd is None else kd[1],
-        kd_form=cfg.kd_form,
-        hyper_clip_mode=cfg.hyper_clip_mode,
-        hyper_lookahead=cfg.hyper_lookahead,
-        hyper_jvp=cfg.hyper_jvp,
+        beta=beta,
+        temperature=temperature,
         operator=spec.base,
         lr=lrs.get(spec.base, 1.0),
-        momentum=cfg.momentum,
-        schedule=cfg.schedule,
         tune_kd=spec.tune_kd,
         steps=steps,
-        batch_size=cfg.batch_size,
         seed=seed,
-        device=cfg.device,
         runs_dir=str(runs_dir),
         run_name=name or f"{_safe(spec.label)}-s{seed}",
         eval_every=max(1, steps // evals),
         eval_at_start=evals > 1,
         trajectory_every=max(1, steps // cfg.trajectory_points) if evals > 1 else 0,
-        progress=cfg.progress,
     )
 
 

@@ -42,6 +42,10 @@ def parse_seeds(text: str, flag: str) -> list[int]:
         raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
+# train-teacher's recipe: where a teacher's run differs from TrainConfig's (a student's) defaults
+TEACHER_RECIPE = {"model": "resnet20", "operator": "sgd", "beta": 0.0, "lr": 0.2, "schedule": "onecycle"}
+
+
 @dataclass
 class TrainConfig:
     model: str = "tiny"
@@ -100,6 +104,10 @@ class TrainConfig:
     HYPER: ClassVar[frozenset[str]] = frozenset({
         "hyper_lr", "hyper_clip", "hyper_clip_mode", "hyper_lookahead", "hyper_jvp", "hyper_every", "hyper_unroll", "extrapolate_after",
         "periodic_greedy", "periodic_follow"})
+    # What a learned operator decides for itself (its steps, (beta, T), the KD convention it was meta-trained
+    # with): given with one, these flags would be silently ignored, so the CLI refuses them.
+    LEARNED_DECIDES: ClassVar[frozenset[str]] = HYPER | {
+        "lr", "momentum", "nesterov", "weight_decay", "schedule", "lr_step_epochs", "lr_gamma", "beta", "temperature", "kd_form", "tune_kd"}
 
     def decisive(self) -> dict[str, Any]:
         """The fields that decide the run's result (files such as the teacher enter by digest, elsewhere),
@@ -196,6 +204,10 @@ class CompareConfig:
     device: str = TrainConfig.device
     out: str = "results/compare"
     progress: bool = True
+
+    # The fields every run of the folder takes from it as they are (the others: per cell, tuned or derived).
+    RUN_FIELDS: ClassVar[tuple[str, ...]] = ("dataset", "data_root", "teacher", "kd_form", "hyper_clip_mode", "hyper_lookahead",
+                                             "hyper_jvp", "batch_size", "momentum", "schedule", "device", "progress")
 
     def validate(self) -> None:
         """Everything but the operators (``compare.parse_specs`` checks those)."""

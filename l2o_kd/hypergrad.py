@@ -150,19 +150,12 @@ class HyperKD(Operator):
 
     def step(self, params: Params, grads: Params, state: State, ctx: StepContext):
         b: Batches = ctx.batches
-        h, fit, nxt = state["h"], state["fit"], ctx.step + 1
+        h, nxt = state["h"], ctx.step + 1
         window = state["window"]
         if self.method == "unrolled":
             entry = {"params": params, "inner": state["inner"], "x": b.x, "y": b.y, "t": b.teacher, "h": h, "step": ctx.step}
             window = (window + [entry])[-self.unroll:]
-        if self.method == "extrapolate-periodic":
-            cycle = self.greedy_len + self.follow_len
-            q = ctx.step % cycle
-            if q < self.greedy_len:  # h (this step's value) is a point of this cycle's greedy phase
-                fit = add_point(torch.zeros_like(fit) if q == 0 else fit, q, h)
-            following, at = nxt % cycle >= self.greedy_len, nxt % cycle
-        else:
-            following, at = self.method == "extrapolate" and ctx.step >= self.switch, nxt
+        fit, following, at = self._phase(state["fit"], h, ctx.step)
         hyper = not following and nxt % self.every == 0 and (self.method != "unrolled" or len(window) == self.unroll)
         dh = None
         with torch.enable_grad():
@@ -184,6 +177,17 @@ class HyperKD(Operator):
         if self.method == "extrapolate" and not following:
             fit = add_point(fit, nxt, h)
         return new_params, {"inner": inner_state, "h": h.detach(), "fit": fit, "window": window}, info
+
+    def _phase(self, fit: torch.Tensor, h: torch.Tensor, step: int) -> tuple[torch.Tensor, bool, int]:
+        """Where step ``step`` stands in the method's phases: the line fit (with this step's h added during
+        extrapolate-periodic's greedy phase), whether h follows the fitted line after it, and at which point."""
+        if self.method != "extrapolate-periodic":
+            return fit, self.method == "extrapolate" and step >= self.switch, step + 1
+        cycle = self.greedy_len + self.follow_len
+        q = step % cycle
+        if q < self.greedy_len:  # h (this step's value) is a point of this cycle's greedy phase
+            fit = add_point(torch.zeros_like(fit) if q == 0 else fit, q, h)
+        return fit, (step + 1) % cycle >= self.greedy_len, (step + 1) % cycle
 
     def greedy_hypergradient(self, h, params: Params, grads: Params, inner_state: State, b: Batches,
                              ctx: StepContext) -> tuple[torch.Tensor, tuple[Params, State, dict]]:

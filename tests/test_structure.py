@@ -63,3 +63,33 @@ def test_a_learned_operator_is_known_by_its_checkpoint_kind_not_its_suffix(tmp_p
         train(dataclasses.replace(cfg, operator=str(teacher_ckpt), run_name="teacher-as-operator"))
     with pytest.raises(UserError, match="unknown operator 'adagrad': use sgd, adam, adamw or a learned-operator checkpoint"):
         dataclasses.replace(cfg, operator="adagrad").validate()
+
+
+def test_every_cli_default_is_the_dataclass_default():
+    """A flag's default is declared once, in its config dataclass (train-teacher: in ``TEACHER_RECIPE`` over
+    TrainConfig's); ``None`` means "derived" (e.g. --epochs when --steps is given) and a flag's unset means False."""
+    from l2o_kd.cli import cli
+
+    configs = {"train-teacher": [config.TrainConfig], "deploy": [config.TrainConfig], "meta-train": [config.MetaConfig],
+               "compare": [config.CompareConfig, config.TrainConfig], "search": [config.SearchConfig, config.TrainConfig]}
+    checked, wrong = 0, []
+    for name, classes in configs.items():
+        recipe = config.TEACHER_RECIPE if name == "train-teacher" else {}
+        for param in cli.commands[name].params:
+            fields = [f for c in classes for f in dataclasses.fields(c) if f.name == param.name]
+            if not fields or param.default is None:
+                continue
+            f = fields[0]
+            want = recipe.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            got = param.default is True if getattr(param, "is_flag", False) else param.default
+            if f.name == "kd_grid" and got == "":  # given as text, parsed into the list
+                got = []
+            checked += 1
+            if got != want:
+                wrong.append(f"{name} --{f.name}: {got!r} != {want!r}")
+    assert checked > 80 and not wrong, wrong
+
+
+def test_a_compare_folder_passes_its_shared_fields_to_every_run_with_the_same_defaults():
+    train, comp = ({f.name: f.default for f in dataclasses.fields(c)} for c in (config.TrainConfig, config.CompareConfig))
+    assert all(train[name] == comp[name] for name in config.CompareConfig.RUN_FIELDS)
