@@ -125,7 +125,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """A saved config (``asdict``, with any extra keys a run records beside it); one made by a version
-        with other fields is refused with one line naming the first field that differs."""
+        that lacks one of its fields is refused with one line naming that field."""
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in d]
         if missing:

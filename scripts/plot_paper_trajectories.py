@@ -4,7 +4,7 @@ start (the draw) marked. Reads every ``METHOD-sSEED`` run under ``--runs`` whose
 (an unfinished run shows as far as it got) and writes the
 figure and the points behind it (``trajectories.jsonl``: run, step, beta, temperature, test_acc). That
 file is the record: a run found under ``--runs`` replaces its own points there, the other runs' points
-are kept (runs of earlier sessions whose folders are gone still plot).
+are kept (runs whose folders are gone still plot).
 
     python scripts/plot_paper_trajectories.py --runs results/paper-protocol --out docs/paper-protocol
 """

@@ -15,8 +15,17 @@ README = (REPO / "README.md").read_text()
 def test_the_readme_is_short_and_names_no_work_sessions():
     assert len(README.splitlines()) <= 150
     _own_loop_block()  # one python block of at most 25 lines
-    for path in [REPO / "README.md", *(REPO / "l2o_kd").rglob("*.py"), *(REPO / "scripts").glob("*"), *(REPO / "examples").glob("*.py")]:
+    docs = [p for ext in ("*.md", "*.py", "*.sh") for p in (REPO / "docs").rglob(ext)]
+    for path in [REPO / "README.md", *(REPO / "l2o_kd").rglob("*.py"), *(REPO / "scripts").glob("*"), *(REPO / "examples").glob("*.py"), *docs]:
         assert not re.search(r"\bsessions? \d", path.read_text(), re.I), path
+
+
+def test_every_relative_link_of_the_documents_resolves():
+    pages = [REPO / "README.md", *(REPO / "docs").rglob("*.md")]
+    broken = [f"{page.relative_to(REPO)} -> {target}" for page in pages
+              for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+              if not target.startswith(("http://", "https://")) and not (page.parent / target).exists()]
+    assert not broken, broken
 
 
 def _own_loop_block() -> str:

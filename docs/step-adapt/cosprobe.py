@@ -1,4 +1,4 @@
-"""Throwaway diagnostic (session 15): the per-tensor cosine -cos(g_t, last update) that step adaptation sees, by
+"""Diagnostic of the step-adaptation probe (not part of the package): the per-tensor cosine -cos(g_t, last update) that step adaptation sees, by
 student and step factor K. The rate is 1e-6 per step (no effect on the run); log_size / (rate * steps) over a
 window of steps is the mean cosine there. The operator made as in probe.py;
 run as `python cosprobe.py OUT.jsonl student:seed:K ...`."""

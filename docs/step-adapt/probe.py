@@ -1,4 +1,4 @@
-"""Throwaway probe (session 15): the shipped operator with online step adaptation at hand-set (rate, target)
+"""Probe (not part of the package): the shipped operator with online step adaptation at hand-set (rate, target)
 (units of ADAPT_UNITS), val accuracy after 1,000 steps. The operator:
 `python scripts/new_operator.py --from checkpoints/operator.pt --adapt-step --out /tmp/p15/adapt-init.pt` at commit
 96c9da7 (adapt_step, removed in the next commit); run as `python probe.py OUT.jsonl student:seed:rate:target ...`."""

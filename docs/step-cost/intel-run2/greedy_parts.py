@@ -1,9 +1,9 @@
-"""Session 19: greedy's step on one student, piece by piece (a measurement, not part of the package).
+"""Greedy's step on one student, piece by piece (a measurement, not part of the package).
 
 The pieces of ``HyperKD.greedy_hypergradient`` with ``jvp="difference"`` (l2o_kd/hypergrad.py), written out with a
 timer between them: the training step, the look-ahead SGD step with its graph, the validation forward and backward,
 the difference's extra forward, dh from J a. Random data of batch 128, as scripts/bench_operators.py; medians of 30
-steps after 10. Run from the repository root: ``python docs/bench-session19/greedy_parts.py tiny 1`` (student, threads).
+steps after 10. Run from the repository root: ``python docs/step-cost/intel-run2/greedy_parts.py tiny 1`` (student, threads).
 """
 
 import statistics
