@@ -230,22 +230,30 @@ def test_vmap_es_meta_training_takes_the_meta_steps_of_the_loop(tmp_path, teache
     take the same 2 meta-steps of 2 pairs up to rounding: float32, and the convolutions of the two paths use
     other memory layouts (other algorithms, ~1e-3 of a gradient on resnet8); the unit-RMS updates of the
     rounding-only conv biases (tests/test_step.py) move the BatchNorm running means and so the eval-mode
-    objective. Measured: cosine 0.9995 between the weights' movements; asserted: the same direction (cosine
-    > 0.98) and size (within 10%). --vmap is refused where it cannot run."""
+    objective. Compared: the meta-gradient estimates the meta-optimizer saw (Adam's first moments, linear in
+    the episodes' objectives), not the weights' movements — Adam's first steps are ~lr * sign(g), so a
+    component whose estimate is near 0 may step either way under rounding (measured once on AMD, 2 threads: one
+    of 11 components, movement cosine 0.94). Asserted: the same direction (cosine > 0.98) and size (within 10%).
+    --vmap is refused where it cannot run."""
     kw = dict(dataset="synthetic", teacher=str(teacher_ckpt), method="es", es_params="mix-schedule", curriculum="6", meta_steps=2, validate_every=5,
               val_horizon=3, val_seeds="1000", batch_size=32, es_eval=64, pairs=2, sigma=0.3, meta_lr=0.05, es_objective="ce", progress=False)
     torch.manual_seed(0)
     init = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(per_coordinate="mlp", normalize_update=True, rms_floor=1e-3, mix=True)))
     init.save(tmp_path / "init.pt")
-    runs = {}
+    runs, seen = {}, {}
+    names, TRAINED = [name for name, _ in init.net.named_parameters()], ("mix", "head.2.bias", "schedule.weight")
     for vmap in (False, True):
         meta_train(MetaConfig(**kw, vmap=vmap, init=str(tmp_path / "init.pt"), runs_dir=str(tmp_path), run_name=f"v{vmap}"))
-        runs[vmap] = load_checkpoint(tmp_path / f"v{vmap}" / "meta_checkpoint.pt", kind="operator")["weights"]
+        ck = load_checkpoint(tmp_path / f"v{vmap}" / "meta_checkpoint.pt", kind="operator")
+        runs[vmap] = ck["weights"]
+        states = ck["meta_optimizer"]["state"]
+        seen[vmap] = torch.cat([states[i]["exp_avg"].flatten() for i, name in enumerate(names) if name in TRAINED])
     start = init.net.state_dict()
-    moved = {vmap: torch.cat([(w[k] - start[k]).flatten() for k in ("mix", "head.2.bias", "schedule.weight")]) for vmap, w in runs.items()}
-    assert float(moved[False].norm()) > 0.1  # Adam's 2 steps of 0.05 in most of the 11 weights
-    assert F.cosine_similarity(moved[True], moved[False], dim=0) > 0.98
-    assert abs(float(moved[True].norm() / moved[False].norm()) - 1) < 0.1
+    moved = torch.cat([(runs[False][k] - start[k]).flatten() for k in TRAINED])
+    assert float(moved.norm()) > 0.1  # Adam's 2 steps of 0.05 in most of the 11 weights
+    assert seen[False].numel() == 11 and float(seen[False].norm()) > 0
+    assert F.cosine_similarity(seen[True], seen[False], dim=0) > 0.98
+    assert abs(float(seen[True].norm() / seen[False].norm()) - 1) < 0.1
     with pytest.raises(UserError, match="does not run under vmap"):
         meta_train(MetaConfig(**{**kw, "es_params": "schedule"}, vmap=True, runs_dir=str(tmp_path), run_name="lstm"))
     with pytest.raises(UserError, match="--method es or pes"):
