@@ -94,6 +94,15 @@ class Batches:
     val_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class HyperContext(StepContext):
+    """A step's context for a hypergradient operator: the batches it differentiates the validation loss
+    on, and the training step's logits of this batch (detached; None when the step did not keep them)."""
+
+    batches: Batches | None = None
+    logits: torch.Tensor | None = None
+
+
 def project(h: torch.Tensor) -> torch.Tensor:
     return torch.stack([h[0].clamp(*BETA_RANGE), h[1].clamp(*T_RANGE)])
 
@@ -148,7 +157,11 @@ class HyperKD(Operator):
     def kd(self, state: State) -> KDChoice:
         return KDChoice(state["h"][0], state["h"][1])
 
-    def step(self, params: Params, grads: Params, state: State, ctx: StepContext):
+    def with_batches(self, ctx: StepContext, batches: Batches, logits: torch.Tensor | None) -> HyperContext:
+        shared = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(StepContext)}
+        return HyperContext(**shared, batches=batches, logits=logits)
+
+    def step(self, params: Params, grads: Params, state: State, ctx: HyperContext):
         b: Batches = ctx.batches
         h, nxt = state["h"], ctx.step + 1
         window = state["window"]
@@ -190,7 +203,7 @@ class HyperKD(Operator):
         return fit, (step + 1) % cycle >= self.greedy_len, (step + 1) % cycle
 
     def greedy_hypergradient(self, h, params: Params, grads: Params, inner_state: State, b: Batches,
-                             ctx: StepContext) -> tuple[torch.Tensor, tuple[Params, State, dict]]:
+                             ctx: HyperContext) -> tuple[torch.Tensor, tuple[Params, State, dict]]:
         """dL_val(Phi(w, g(h))) / dh at fixed w, without differentiating through the student twice,
         and the look-ahead step Phi(w, g(h)) itself (detached: with ``lookahead="current"`` it is the
         training step, which then is not taken a second time).

@@ -100,8 +100,9 @@ def training_step(operator: Operator, model, params: Params, buffers: Params, st
     if stats.requires_grad:  # exact (second-order) meta-gradients: the operator reads the losses in the graph
         loss, ce, kd_value, _ = stats
         stats = stats.detach()
-    # the full-precision logits of this batch at these weights: a hypergradient may reuse them
-    ctx = StepContext(step, total_steps, loss, ce, kd_value, batches, logits if not amp and reduce is None else None)
+    ctx = StepContext(step, total_steps, loss, ce, kd_value)
+    if operator.needs_batches:  # the full-precision logits of this batch at these weights: a hypergradient may reuse them
+        ctx = operator.with_batches(ctx, batches, logits if not amp and reduce is None else None)
     with torch.set_grad_enabled(differentiable):
         current = params if differentiable else {k: p.detach() for k, p in params.items()}
         new_params, new_state, info = operator.step(current, grads, state, ctx)

@@ -88,9 +88,9 @@ def _timed_step(cell: dict, model, x, y, teacher, xv, yv, i: int, device: str) -
     kd = op.kd(state)
     beta, temp = (kd.beta, kd.temperature) if kd else (0.5, 4.0)
     grads, stats, logits = gradient(model, cell["params"], cell["buffers"], x, y, teacher, beta, temp, TrainConfig.kd_form)  # the training step's
-    ctx = StepContext(i, 10_000, stats[0].item(), float("nan"), float("nan"), logits=logits)  # as the training step does
+    ctx = StepContext(i, 10_000, stats[0].item(), float("nan"), float("nan"))  # as the training step does
     if op.needs_batches:
-        ctx.batches = Batches(model, cell["buffers"], x, y, teacher, lambda: (xv, yv))
+        ctx = op.with_batches(ctx, Batches(model, cell["buffers"], x, y, teacher, lambda: (xv, yv)), logits)
     _sync(device)
     t1 = time.perf_counter()
     with torch.no_grad():

@@ -14,7 +14,7 @@ from l2o_kd.compare import OperatorSpec, _run_config
 from l2o_kd.config import CompareConfig, TrainConfig
 from l2o_kd.distill import kd_gradient, kd_loss
 from l2o_kd.errors import UserError
-from l2o_kd.hypergrad import Batches, HyperKD, add_point, clip_hypergradient, line_at, project
+from l2o_kd.hypergrad import Batches, HyperContext, HyperKD, add_point, clip_hypergradient, line_at, project
 from l2o_kd.operators import SGD, Adam, Schedule, StepContext
 from l2o_kd.runlog import read_metrics
 from l2o_kd.train import train
@@ -81,7 +81,7 @@ def _batches(model, data, val):
 def _hypergradient(op, model, params, data, val, hs, state=None):
     """HyperKD's hypergradient after the real steps (greedy: of the one step data[0] with hs[0])."""
     window, _ = _real_steps(model, params, op.inner, data, hs, op.kd_form, state)
-    b, ctx = _batches(model, data, val), StepContext(0, 10)
+    b, ctx = _batches(model, data, val), HyperContext(0, 10)
     if op.method == "unrolled":
         return op.unrolled_hypergradient(window, b, ctx)
     (w,) = window
@@ -116,7 +116,7 @@ def test_greedy_by_a_forward_difference_matches_the_exact_hypergradient(inner, d
     """``jvp="difference"`` forms J a as (f(w + eps a) - f(w)) / eps with |eps a| = 1e-3 |w|: its
     error is O(eps) (curvature of the logits along a) plus rounding ~ u / 1e-3 (u = 1e-16 or 6e-8):
     measured 1.2-1.6e-4 of |dh| here, in both dtypes; the bound 3e-2 leaves two decades of headroom. f(w) given by the
-    training step (``StepContext.logits``) or recomputed gives the same value."""
+    training step (``HyperContext.logits``) or recomputed gives the same value."""
     model, params, data, val = _setup()
     state = _warm_state(inner, model, params)
     cast = lambda tree: torch.utils._pytree.tree_map(lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v, tree)
@@ -125,11 +125,11 @@ def test_greedy_by_a_forward_difference_matches_the_exact_hypergradient(inner, d
     x, y, t = data[0]
     g = _detached(kd_gradient(model, params, {}, x, y, t, h[0], h[1])[0])
     b = Batches(model, {}, x, y, t, lambda: val)
-    exact, _ = HyperKD(inner, "greedy", jvp="exact").greedy_hypergradient(h, params, g, state, b, StepContext(0, 10))
+    exact, _ = HyperKD(inner, "greedy", jvp="exact").greedy_hypergradient(h, params, g, state, b, HyperContext(0, 10))
     diff = HyperKD(inner, "greedy", jvp="difference")
-    recomputed, _ = diff.greedy_hypergradient(h, params, g, state, b, StepContext(0, 10))
+    recomputed, _ = diff.greedy_hypergradient(h, params, g, state, b, HyperContext(0, 10))
     logits = torch.func.functional_call(model, params, (x,)).detach()
-    reused, _ = diff.greedy_hypergradient(h, params, g, state, b, StepContext(0, 10, logits=logits))
+    reused, _ = diff.greedy_hypergradient(h, params, g, state, b, HyperContext(0, 10, logits=logits))
     assert float(exact.norm()) > 1e-6
     assert float((recomputed - exact).norm()) <= 3e-2 * float(exact.norm()), (recomputed, exact)
     torch.testing.assert_close(reused, recomputed, rtol=1e-4, atol=0)
@@ -186,7 +186,7 @@ def test_greedy_adam_hypergradient_is_finite_with_an_exactly_zero_gradient(jvp):
     kd = op.kd(state)
     grads = _detached(kd_gradient(model, params, {}, x, y, t, kd.beta, kd.temperature)[0])
     assert (grads["1.weight"][0] == 0).all() and grads["1.bias"][0] == 0 and (grads["3.weight"][:, 0] == 0).all()
-    ctx = StepContext(0, 10, batches=_batches(model, data[:1], val))
+    ctx = HyperContext(0, 10, batches=_batches(model, data[:1], val))
     _, new_state, info = op.step(params, grads, state, ctx)
     assert torch.isfinite(info["hypergrad_norm"]) and info["hypergrad_norm"] > 0
     assert (new_state["h"] - state["h"]).abs().max() > 1e-6
@@ -239,7 +239,7 @@ def test_a_hyper_step_takes_the_inner_step_once_and_exactly(inner, lookahead, mo
     state = _warm_state(inner, model, params)
     h = torch.tensor([0.4, 2.5], dtype=torch.float64)
     grads = _detached(kd_gradient(model, params, {}, x, y, t, h[0], h[1])[0])
-    ctx = StepContext(3, 10, batches=Batches(model, {}, x, y, t, lambda: val))
+    ctx = HyperContext(3, 10, batches=Batches(model, {}, x, y, t, lambda: val))
     want_params, want_state, _ = inner.step(params, grads, state, ctx)
     op = HyperKD(inner, "greedy", lookahead=lookahead)
     calls = []
@@ -253,7 +253,7 @@ def test_a_hyper_step_takes_the_inner_step_once_and_exactly(inner, lookahead, mo
 
 
 def test_a_greedy_run_by_forward_differences_follows_the_exact_one(tmp_path, teacher_ckpt, monkeypatch):
-    """The training step hands its logits to the hypergradient (``StepContext.logits``), and a run with
+    """The training step hands its logits to the hypergradient (``HyperContext.logits``), and a run with
     ``--hyper-jvp difference`` moves (beta, T) as the exact run does: each hypergradient differs by
     ~1e-4 relative (the unit test above), so after the whole run the paths differ by a small fraction
     of how far (beta, T) moved (1% measured; asserted < 10%)."""
@@ -307,7 +307,7 @@ def test_lookahead_current_and_base_are_the_gradients_they_claim(make):
     model, params, data, val = _setup()
     x, y, t = data[0]
     sched = Schedule("step", step_size=2, gamma=0.5)
-    ctx = StepContext(5, 10, batches=Batches(model, {}, x, y, t, lambda: val))
+    ctx = HyperContext(5, 10, batches=Batches(model, {}, x, y, t, lambda: val))
     assert sched(5, 10) == 0.25
 
     def grads(h):
@@ -370,7 +370,7 @@ def _run_steps(op: HyperKD, n: int) -> list[torch.Tensor]:
     state, used = op.init(params), []
     for t in range(n):
         used.append(state["h"].clone())
-        _, state, _ = op.step(params, {"w": torch.zeros(3, dtype=torch.float64)}, state, StepContext(t, 1000))
+        _, state, _ = op.step(params, {"w": torch.zeros(3, dtype=torch.float64)}, state, HyperContext(t, 1000))
     return used
 
 

@@ -29,8 +29,6 @@ class StepContext:
     loss: float = float("nan")  # training loss of this step's batch
     ce_loss: float = float("nan")
     kd_loss: float = float("nan")
-    batches: Any = None  # for operators with ``needs_batches`` (hypergradients): a hypergrad.Batches
-    logits: Any = None  # the student's train-mode logits of this batch, detached, when the step kept them
 
     @property
     def progress(self) -> float:
@@ -50,7 +48,7 @@ class Operator(ABC):
 
     name: str = "operator"
     chooses_kd: bool = False  # kd() returns the (beta, T) of the next loss (learned, hypergradient operators)
-    needs_batches: bool = False  # step() reads ctx.batches: the model, this step's batch and validation batches
+    needs_batches: bool = False  # step() needs the model, this step's batch and validation batches: see with_batches
 
     @abstractmethod
     def init(self, params: Params) -> State:
@@ -59,6 +57,12 @@ class Operator(ABC):
     @abstractmethod
     def step(self, params: Params, grads: Params, state: State, ctx: StepContext) -> tuple[Params, State, dict[str, Any]]:
         """One update. Returns new params, new state and ``info`` (scalars worth logging, e.g. ``lr``)."""
+
+    def with_batches(self, ctx: StepContext, batches: Any, logits: torch.Tensor | None) -> StepContext:
+        """The context of an operator with ``needs_batches``: ``ctx`` extended by the step's batches (a
+        ``hypergrad.Batches``) and the student's detached train-mode logits of the batch (None when the
+        step did not keep them)."""
+        raise NotImplementedError(f"{self.name} does not read batches")
 
     def kd(self, state: State) -> KDChoice | None:
         """The (beta, T) this operator wants for the next loss, or None to keep the run's fixed values."""
