@@ -221,14 +221,17 @@ def search(method, trials, retrain_seeds, out, **kw):
                    "in progress (fewer dimensions, less variance).")
 @click.option("--hidden", type=int, default=M.hidden, show_default=True)
 @click.option("--base-scale", type=float, default=M.base_scale, show_default=True)
-@click.option("--normalize-update", is_flag=True, help="A fresh operator whose per-coordinate part decides only the shape of each "
-              "tensor's update (unit RMS); the global head decides its size.")
+@click.option("--normalize-update/--no-normalize-update", default=M.normalize_update, show_default=True,
+              help="A fresh operator whose per-coordinate part decides only the shape of each tensor's update (unit RMS); "
+                   "the global head decides its size.")
 @click.option("--per-coordinate", type=click.Choice(list(PER_COORDINATE)), default=M.per_coordinate, show_default=True,
               help="A fresh operator's per-coordinate part: " + "; ".join(f"{k}: {v}" for k, v in PER_COORDINATE.items()) + ".")
 @click.option("--rms-floor", type=float, default=M.rms_floor, show_default=True,
               help="A fresh operator's floor on each tensor's RMS, relative to the RMS over all coordinates (0: none).")
+@click.option("--mix/--no-mix", default=M.mix, show_default=True,
+              help="A fresh operator whose prior direction is a learned mix of momentum, Adam and sign terms (else momentum).")
 @click.option("--init", default=None, help="Start from this operator checkpoint (its config wins over --hidden, --base-scale, "
-              "--normalize-update, --per-coordinate, --rms-floor).")
+              "--normalize-update, --per-coordinate, --rms-floor, --mix).")
 @click.option("--validate-every", type=int, default=M.validate_every, show_default=True)
 @click.option("--val-horizon", type=int, default=M.val_horizon, show_default=True, help="Steps of each meta-validation episode.")
 @click.option("--val-seeds", default=M.val_seeds, show_default=True, help="Meta-validation seeds (shared among torchrun ranks).")

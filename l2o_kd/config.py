@@ -292,11 +292,13 @@ class MetaConfig:
     es_objective: str = "ce"  # es, pes, full: validation "ce" or "error" (full: a smooth error, differentiable)
     es_params: str = "all"  # a key of ES_PARAMS: the meta-trained weights (es and pes perturb only those)
     vmap: bool = False  # es, pes: advance a meta-step's particles of one student together, one vmapped step (for a GPU)
+    # A fresh operator (no --init): these fields of its LSTMOperatorConfig, by default the shipped operator's architecture
     hidden: int = 20
     base_scale: float = 1e-3
-    normalize_update: bool = False  # a fresh operator's LSTMOperatorConfig.normalize_update (unit-RMS update shape per tensor)
-    per_coordinate: str = "lstm"  # a fresh operator's LSTMOperatorConfig.per_coordinate
-    rms_floor: float = 0.0  # a fresh operator's LSTMOperatorConfig.rms_floor
+    normalize_update: bool = True  # unit-RMS update shape per tensor: the global head alone sets the step size
+    per_coordinate: str = "mlp"
+    rms_floor: float = 1e-3
+    mix: bool = True  # the prior direction a learned mix of momentum, Adam and sign terms
     init: str | None = None  # start from this operator checkpoint instead of a fresh operator
     validate_every: int = 50
     val_horizon: int = 300

@@ -420,7 +420,7 @@ def starting_operator(cfg: MetaConfig) -> LSTMOperator:
         net = load_operator(cfg.init, cfg.device).net
     else:
         net = LSTMOperatorNet(LSTMOperatorConfig(hidden=cfg.hidden, base_scale=cfg.base_scale, normalize_update=cfg.normalize_update,
-                                                 per_coordinate=cfg.per_coordinate, rms_floor=cfg.rms_floor)).to(cfg.device)
+                                                 per_coordinate=cfg.per_coordinate, rms_floor=cfg.rms_floor, mix=cfg.mix)).to(cfg.device)
     missing = [p for p in ES_PARAMS[cfg.es_params] if not any(name.startswith(p) for name, _ in net.named_parameters())]
     if missing:
         raise UserError(f"--es-params {cfg.es_params}: this operator (per-coordinate part {net.cfg.per_coordinate!r}) has no weights {', '.join(missing)}")

@@ -130,6 +130,20 @@ def test_the_init_networks_variant_restores_exactly_the_recorded_initialization(
                if not rows[g]["prior"])
 
 
+def test_meta_trains_fresh_operator_is_the_shipped_architecture_at_its_recorded_initialization():
+    """meta-train's default fresh operator has the shipped operator's architecture, and every weight but the
+    prior's scalars (PRIOR) is bitwise that of ``checkpoints/prior.pt`` (the shipped operator's networks at their
+    recorded initialization): meta-training it with ``--es-params mix-schedule`` trains exactly the shipped
+    operator's learned numbers."""
+    prior = load_operator("checkpoints/prior.pt")
+    fresh = meta.starting_operator(MetaConfig())
+    assert fresh.cfg == load_operator("checkpoints/operator.pt").cfg == prior.cfg
+    prior_weights = prior.net.state_dict()
+    for name, w in fresh.net.state_dict().items():
+        assert is_prior(name) or torch.equal(w, prior_weights[name]), name
+    assert any(not torch.equal(w, prior_weights[n]) for n, w in fresh.net.state_dict().items() if is_prior(n))
+
+
 def test_inspect_prints_the_change_of_every_weight_group(tmp_path, capsys):
     _trained_like().save(tmp_path / "op.pt")
     main(["inspect", str(tmp_path / "op.pt")])

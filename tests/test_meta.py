@@ -202,9 +202,10 @@ def test_some_weights_are_meta_trained_from_a_saved_operator_and_only_those_move
 @pytest.mark.parametrize("es_params,missing", [("coord-mlp", "coord_in"), ("mix-schedule", "mix")])
 def test_es_params_naming_weights_the_operator_lacks_are_refused(tmp_path, teacher_ckpt, es_params, missing):
     cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), method="pes", es_params=es_params, curriculum="12", meta_steps=1,
-                     validate_every=1, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64, runs_dir=str(tmp_path), progress=False)
+                     validate_every=1, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64, runs_dir=str(tmp_path), progress=False,
+                     per_coordinate="lstm", mix=False)
     with pytest.raises(UserError, match=f"has no weights {missing}"):
-        meta_train(cfg)  # a fresh operator has a per-coordinate LSTM (no per-coordinate MLP) and no mix
+        meta_train(cfg)  # a fresh operator with a per-coordinate LSTM (no per-coordinate MLP) and no mix
 
 
 def test_meta_validation_on_several_students_runs_every_seed_on_each(tmp_path, teacher_ckpt):
@@ -255,6 +256,6 @@ def test_vmap_es_meta_training_takes_the_meta_steps_of_the_loop(tmp_path, teache
     assert F.cosine_similarity(seen[True], seen[False], dim=0) > 0.98
     assert abs(float(seen[True].norm() / seen[False].norm()) - 1) < 0.1
     with pytest.raises(UserError, match="does not run under vmap"):
-        meta_train(MetaConfig(**{**kw, "es_params": "schedule"}, vmap=True, runs_dir=str(tmp_path), run_name="lstm"))
+        meta_train(MetaConfig(**{**kw, "es_params": "schedule"}, vmap=True, per_coordinate="lstm", runs_dir=str(tmp_path), run_name="lstm"))
     with pytest.raises(UserError, match="--method es or pes"):
         MetaConfig(**{**kw, "method": "tbptt"}, vmap=True).validate()
