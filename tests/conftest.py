@@ -27,6 +27,8 @@ def real_cifar():
 
 
 FAST = dict(dataset="synthetic", progress=False, batch_size=64)
+# Meta-training by truncated backpropagation, for the tests written for it (meta-train's defaults are the ES recipe)
+TBPTT_SETUP = dict(method="tbptt", es_params="all", students="tiny,tiny_wide", meta_lr=1e-3, clip=1.0, val_seeds="1000,1001", adam_lr=3e-3)
 
 
 @pytest.fixture(scope="session")

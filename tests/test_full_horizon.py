@@ -2,7 +2,9 @@
 on every student, the neutral recorded initialization, the init-networks ablation, the cheap students."""
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,6 +144,16 @@ def test_meta_trains_fresh_operator_is_the_shipped_architecture_at_its_recorded_
     for name, w in fresh.net.state_dict().items():
         assert is_prior(name) or torch.equal(w, prior_weights[name]), name
     assert any(not torch.equal(w, prior_weights[n]) for n, w in fresh.net.state_dict().items() if is_prior(n))
+
+
+def test_meta_trains_defaults_are_the_recorded_recipe_of_the_shipped_operators_learned_numbers():
+    """``l2o-kd meta-train`` with no flags runs the recorded N4 run (docs/results/learned-operator.md): every
+    field that decides the result is that run's, and its budget is the meta-steps that run took."""
+    recorded = json.loads(Path("docs/results/learned-operator/repro-es-mix-config.json").read_text())
+    rows = [json.loads(line) for line in Path("docs/results/learned-operator/repro-es-mix.jsonl").read_text().splitlines()]
+    defaults = MetaConfig()
+    assert defaults.decisive() == {k: recorded[k] for k in defaults.decisive()}
+    assert defaults.meta_steps == rows[-1]["step"] and defaults.minutes is None
 
 
 def test_inspect_prints_the_change_of_every_weight_group(tmp_path, capsys):

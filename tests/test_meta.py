@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import kill_at_call
+from conftest import TBPTT_SETUP, kill_at_call
 
 from l2o_kd import meta
 from l2o_kd.checkpoint import load_checkpoint
@@ -55,7 +55,7 @@ def test_truncation_detaches_so_the_graph_does_not_grow(synthetic_episode):
 
 
 def test_meta_train_then_deploy_end_to_end(tmp_path, teacher_ckpt, capsys):
-    cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny,tiny_wide", unroll=5, curriculum="20,40",
+    cfg = MetaConfig(**TBPTT_SETUP, dataset="synthetic", teacher=str(teacher_ckpt), unroll=5, curriculum="20,40",
                      meta_steps=8, validate_every=4, val_horizon=30, batch_size=32, runs_dir=str(tmp_path), run_name="m", progress=False)
     res = meta_train(cfg)
     assert res["meta_steps"] == 8 and res["skipped"] == 0
@@ -70,7 +70,7 @@ def test_meta_train_then_deploy_end_to_end(tmp_path, teacher_ckpt, capsys):
 
 
 def test_meta_train_resumes_and_skips_non_finite_steps(tmp_path, teacher_ckpt, monkeypatch):
-    cfg = MetaConfig(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny", unroll=3, curriculum="12", meta_steps=4,
+    cfg = MetaConfig(**{**TBPTT_SETUP, "students": "tiny"}, dataset="synthetic", teacher=str(teacher_ckpt), unroll=3, curriculum="12", meta_steps=4,
                      validate_every=2, val_horizon=10, batch_size=32, runs_dir=str(tmp_path), run_name="m", progress=False)
     real, calls = meta.unroll, {"n": 0}
 
@@ -105,7 +105,7 @@ def test_interrupted_meta_training_resumes_to_the_same_operator(tmp_path, teache
     method = method.removesuffix("-vmap")
     kw = dict(dataset="synthetic", teacher=str(teacher_ckpt), students="tiny,tiny_wide", method=method, unroll=3, curriculum="12",
               meta_steps=7, validate_every=2, val_horizon=5, val_seeds="1000", batch_size=32, es_eval=64, pairs=2, runs_dir=str(tmp_path),
-              progress=False, vmap=vmap, per_coordinate="mlp" if vmap else "lstm")
+              progress=False, vmap=vmap, per_coordinate="mlp" if vmap else "lstm", es_params="all", sigma=0.02, meta_lr=1e-3, clip=1.0)
     meta_train(MetaConfig(run_name="full", **kw))
     cls = {"tbptt": TBPTT, "es": ES, "pes": PES}[method]
     real = cls.estimate
@@ -147,7 +147,7 @@ def test_es_meta_training_lowers_the_end_of_episode_loss(teacher_ckpt):
     from one pair a step did not (it raised the loss on most seeds): that is no test."""
     splits = load_splits("synthetic")
     logits = teacher_logits(load_model_checkpoint(teacher_ckpt)[0], teacher_ckpt, splits)["train"]
-    cfg = MetaConfig(dataset="synthetic", batch_size=32, students="tiny", es_eval=400)
+    cfg = MetaConfig(dataset="synthetic", batch_size=32, students="tiny", es_eval=400, es_objective="ce")
     decreases = []
     for es_seed in ES_SEEDS:
         torch.manual_seed(0)  # the same operator for both ES seeds

@@ -85,7 +85,7 @@ def test_shipped_checkpoints_load_and_take_a_finite_step():
 
 def test_meta_train_writes_its_best_operator_to_out(tmp_path, teacher_ckpt):
     out = tmp_path / "best" / "op.pt"
-    main(["meta-train", "--dataset", "synthetic", "--teacher", str(teacher_ckpt), "--students", "tiny", "--unroll", "3", "--curriculum", "6",
+    main(["meta-train", "--dataset", "synthetic", "--teacher", str(teacher_ckpt), "--students", "tiny", "--method", "tbptt", "--unroll", "3", "--curriculum", "6",
           "--meta-steps", "2", "--validate-every", "2", "--val-horizon", "5", "--val-seeds", "1000", "--batch-size", "32",
           "--runs-dir", str(tmp_path), "--out", str(out), "--no-progress"])
     op = load_operator(out)

@@ -29,7 +29,7 @@ def setting(teacher_ckpt):
     op = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=6, base_scale=3e-3)))
     with torch.no_grad():  # a per-coordinate read-out that matters (at init it is almost zero)
         op.net.coord_out.weight.mul_(30)
-    return splits, logits, op, MetaConfig(dataset="synthetic", batch_size=BATCH, students="tiny")
+    return splits, logits, op, MetaConfig(dataset="synthetic", batch_size=BATCH, students="tiny", es_eval=2000, es_objective="ce")
 
 
 def _deployed(tmp_path, teacher_ckpt, splits, op):
