@@ -4,12 +4,11 @@ on every student, the neutral recorded initialization, the init-networks ablatio
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import kill_at_call
+from conftest import REPO, kill_at_call
 
 from l2o_kd import meta
 from l2o_kd.cli import main
@@ -149,8 +148,9 @@ def test_meta_trains_fresh_operator_is_the_shipped_architecture_at_its_recorded_
 def test_meta_trains_defaults_are_the_recorded_recipe_of_the_shipped_operators_learned_numbers():
     """``l2o-kd meta-train`` with no flags runs the recorded N4 run (docs/results/learned-operator.md): every
     field that decides the result is that run's, and its budget is the meta-steps that run took."""
-    recorded = json.loads(Path("docs/results/learned-operator/repro-es-mix-config.json").read_text())
-    rows = [json.loads(line) for line in Path("docs/results/learned-operator/repro-es-mix.jsonl").read_text().splitlines()]
+    run = REPO / "docs/results/learned-operator"
+    recorded = json.loads((run / "repro-es-mix-config.json").read_text())
+    rows = [json.loads(line) for line in (run / "repro-es-mix.jsonl").read_text().splitlines()]
     defaults = MetaConfig()
     assert defaults.decisive() == {k: recorded[k] for k in defaults.decisive()}
     assert defaults.meta_steps == rows[-1]["step"] and defaults.minutes is None
