@@ -257,6 +257,7 @@ PER_COORDINATE = {  # the learned operator's per-coordinate part (l2o_kd/operato
 ES_PARAMS = {  # which operator weights --es-params meta-trains, by any method (the rest stay at their initialization)
     "all": ("",),
     "readout": ("coord_out.", "head.2."),  # the output layers, reading a fixed random LSTM
+    "network-readouts": ("coord_out.", "head.2.weight"),  # those but the head's biases: network weights only, no prior scalar
     "coord-mlp": ("coord_in.", "coord_out.", "head.2.", "schedule."),  # --per-coordinate mlp: the per-coordinate MLP, the head's read-out and slopes
     "coord": ("coord_in.", "coord_out."),  # --per-coordinate mlp: the per-coordinate MLP only (the shape of each tensor's update)
     "bias": ("coord_out.bias", "head.2.bias"),  # the output biases: base beta, T, step scale, step magnitude, drift

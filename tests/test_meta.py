@@ -183,7 +183,8 @@ def test_es_meta_train_survives_diverging_episodes_and_validations(tmp_path, tea
 @pytest.mark.parametrize("es_params,moving,per_coordinate", [("bias", ("coord_out.bias", "head.2.bias"), "lstm"), ("head-bias", ("head.2.bias",), "lstm"),
                                                               ("schedule", ("head.2.bias", "schedule.weight"), "lstm"),
                                                               ("coord-mlp", ("coord_in.", "coord_out.", "head.2.", "schedule."), "mlp"),
-                                                              ("coord", ("coord_in.", "coord_out."), "mlp")])
+                                                              ("coord", ("coord_in.", "coord_out."), "mlp"),
+                                                              ("network-readouts", ("coord_out.", "head.2.weight"), "mlp")])
 @pytest.mark.parametrize("method", ["es", "tbptt"])
 def test_some_weights_are_meta_trained_from_a_saved_operator_and_only_those_move(tmp_path, teacher_ckpt, es_params, moving, per_coordinate, method):
     start = LSTMOperator(LSTMOperatorNet(LSTMOperatorConfig(hidden=4, per_coordinate=per_coordinate)))
