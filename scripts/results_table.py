@@ -25,7 +25,7 @@ ROWS: list[tuple[str, tuple[str, str], tuple[str, str], str]] = [
      ("docs/results/learned-operator/n2-init-networks.jsonl", "operator@init-networks"), "its networks at initialization"),
     ("`tiny`, 20 epochs (7,020 steps), 0–9", ("docs/t3-20ep-intel/t3i-mix/results.jsonl", "operator"), ("docs/t3-20ep-intel/t3i-adam/results.jsonl", "adam"),
      "tuned Adam"),
-    ("`tiny`, 60 epochs (21,060 steps), 0–3", ("docs/results/learned-operator/n5-60ep.jsonl", "operator"),
+    ("`tiny`, 60 epochs (21,060 steps), 0–5", ("docs/results/learned-operator/n5-60ep.jsonl", "operator"),
      ("docs/results/learned-operator/n5-60ep.jsonl", "adam"), "Adam at its 20-epoch lr"),
     ("`tiny_wide`, 1,000 steps, 0–9", ("docs/t5-10seeds/t5w10-mix/results.jsonl", "operator"), ("docs/t5-10seeds/t5w10-adam/results.jsonl", "adam"),
      "tuned Adam"),
